@@ -1,0 +1,1 @@
+"""Video read/write with audio, paste-back, previews, storyboards, FLAME mesh drawing."""

@@ -1,0 +1,1 @@
+"""Adapters that steer the Arc2Face UNet: expression (IP-Adapter tokens) and reference (self-attention bank)."""

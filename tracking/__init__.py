@@ -1,0 +1,1 @@
+"""Faces, the SMIRK expression encoder, temporal smoothing and the track file."""
