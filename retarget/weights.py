@@ -125,7 +125,7 @@ def resolve_weights_dir(arg: str | os.PathLike | None = None) -> Path:
 
 def _where(entry: WeightFile) -> str:
     if entry.hf:
-        return f"Hugging Face {entry.hf[0]} (`retarget weights download`)"
+        return f"`retarget weights download` (Hugging Face {entry.hf[0]})"
     return entry.how or entry.source
 
 
@@ -181,12 +181,12 @@ class WeightsLayout:
 
 def missing_error(entry: WeightFile, path: Path) -> WeightsError:
     return WeightsError(
-        f"missing {path} ({entry.what}); get it from {_where(entry)}; licence: {entry.licence}"
+        f"missing {path} ({entry.what}); to get it: {_where(entry)}; licence: {entry.licence}"
     )
 
 
 def broken_error(path: Path, why: str, entry: WeightFile | None = None) -> WeightsError:
-    extra = f"; a good copy comes from {_where(entry)}" if entry else ""
+    extra = f"; to get a good copy: {_where(entry)}" if entry else ""
     return WeightsError(f"{path} is not usable: {why}{extra}")
 
 
@@ -467,7 +467,7 @@ def format_check_table(rows: list[CheckRow], root: Path) -> str:
         else:
             extra = f" ({r.detail})" if r.detail else ""
             lines.append(f"{'MISSING' if r.entry.needed_for == RUN else 'absent '} {r.entry.path}{extra}: "
-                         f"{r.entry.what}; get it from {_where(r.entry)}")
+                         f"{r.entry.what}; to get it: {_where(r.entry)}")
     return "\n".join(lines)
 
 
