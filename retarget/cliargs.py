@@ -44,6 +44,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, exclude
                                    help=f"{help_text} (default)" if default else help_text)
                 group.add_argument(meta["negative"], dest=f.name, action="store_false",
                                    help=meta.get("negative_help", f"opposite of {names[0]}"))
+            elif not default:
+                group.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             else:
                 group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=default, help=help_text)

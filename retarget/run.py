@@ -1,0 +1,426 @@
+"""`retarget run`: driving video + actor photo -> finished video. The orchestration only:
+read, track, retarget the parameters, render in resumable batches, paste back, write.
+
+Model calls live in `retarget.pipeline`; tracking in `tracking`; video, paste-back and
+previews in `render`. Rendered frames are kept as PNG files in a work folder beside the
+output, so `--resume` after an interruption renders only what is missing and produces the
+same video as an uninterrupted run with the same settings and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from render.errors import RetargetError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunOptions:
+    """Everything a user can set for `retarget run` (the CLI is generated from these fields)."""
+
+    steps: int = field(default=25, metadata={"help": "denoising steps (LCM --fast: 4)"})
+    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (LCM --fast: 1.0)"})
+    exp_scale: float = field(default=1.0, metadata={"help": "Expression Adapter scale: how strongly the expression is followed"})
+    ref_strength: float = field(default=0.8, metadata={"help": "Reference Adapter strength: 0 off, higher copies the photo more"})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same video"})
+    fast: bool = field(default=False, metadata={"help": "LCM-LoRA fast mode: 4 steps, guidance 1.0 (needs lcm_lora/)"})
+    per_frame_noise: bool = field(default=False, metadata={"help": "draw new noise for every frame (default: one noise for all frames, steadier video)"})
+    ref_latent: Literal["sample", "mode"] = field(default="sample", metadata={"help": "reference latent: a seeded sample (as the release) or the distribution's mode"})
+    track: str | None = field(default=None, metadata={"help": "use this track file instead of tracking the driving video", "metavar": "NPZ"})
+    smooth: Literal["zero_phase", "one_euro", "none"] = field(default="zero_phase", metadata={"help": "temporal smoothing of the tracked expressions"})
+    start: float | None = field(default=None, metadata={"help": "first second of the driving video to use", "metavar": "SEC"})
+    end: float | None = field(default=None, metadata={"help": "last second (exclusive) of the driving video to use", "metavar": "SEC"})
+    fps: float | None = field(default=None, metadata={"help": "output frame rate (default: the driving video's)"})
+    relative: bool = field(default=False, metadata={"help": "transfer the driver's change from neutral onto the actor's own expression"})
+    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: least expressive)", "metavar": "N"})
+    gain: str | None = field(default=None, metadata={"help": "per-part gains, e.g. jaw=1.2,eyelids=0.8,expression=1.0", "metavar": "SPEC"})
+    paste_back: bool = field(default=True, metadata={"help": "paste the face back into the full actor photo", "negative": "--crop-only", "negative_help": "write the aligned 512x512 face crops instead"})
+    preview: Literal["none", "side-by-side"] = field(default="none", metadata={"help": "also write OUT.preview.mp4: driving | output (| FLAME mesh)"})
+    frames_dir: str | None = field(default=None, metadata={"help": "also keep every output frame as PNG in this folder", "metavar": "DIR"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its work folder"})
+    work: str | None = field(default=None, metadata={"help": "work folder for frames (default: .OUT.work beside the output)", "metavar": "DIR"})
+    batch: int = field(default=0, metadata={"help": "frames per batch (0: automatic from free GPU memory; halves on out-of-memory)"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "where to run the models"})
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(default="auto", metadata={"help": "model precision (auto: fp16 on GPU, fp32 on CPU)"})
+    keep_work: bool = field(default=False, metadata={"help": "keep the work folder after a successful run"})
+
+
+@dataclass
+class RunSummary:
+    """What a run produced, for the final summary line and for tests."""
+
+    frames: int
+    rendered: int
+    seconds: float
+    invalid_frames: int
+    output: Path
+    preview: Path | None = None
+    frames_dir: Path | None = None
+    face_report: str = ""
+
+    def line(self) -> str:
+        fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
+        extra = f", preview {self.preview}" if self.preview else ""
+        extra += f", frames in {self.frames_dir}" if self.frames_dir else ""
+        return (f"done: {self.frames} frames ({self.rendered} rendered now) in {self.seconds:.1f}s "
+                f"({fps:.2f} frames/s), {self.invalid_frames} driving frames without a face; "
+                f"wrote {self.output}{extra}")
+
+
+# --------------------------------------------------------------------------- inputs
+
+def read_image(path: str | os.PathLike, what: str = "image") -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB; RetargetError naming the file when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise RetargetError(f"{what} {p} does not exist")
+    try:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            return np.asarray(im).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise RetargetError(f"{what} {p} is not a readable image ({type(e).__name__})") from None
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """RetargetError unless a file can be created in `folder` (made if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex[:6]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RetargetError(f"{what} {folder} is not writable ({e.strerror or type(e).__name__})") from None
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap content fingerprint: size plus SHA-256 of the first and last MiB."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- work folder
+
+class WorkFolder:
+    """Rendered frames `frames/000000.png` plus a manifest of the settings that made them.
+
+    A resumed run must have the same manifest: otherwise frames from different settings would
+    be mixed into one video.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.frames = root / "frames"
+
+    def start(self, manifest: dict, resume: bool) -> None:
+        path = self.root / MANIFEST
+        if resume and path.is_file():
+            old = json.loads(path.read_text())
+            if old != manifest:
+                changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                raise RetargetError(f"--resume: the work folder {self.root} was made with other settings "
+                                    f"({', '.join(changed)}); run without --resume to start over")
+        elif self.root.exists():
+            shutil.rmtree(self.root)
+        self.frames.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def frame_path(self, i: int) -> Path:
+        return self.frames / f"{i:06d}.png"
+
+    def has(self, i: int) -> bool:
+        return self.frame_path(i).is_file()
+
+    def save(self, i: int, rgb: np.ndarray) -> None:
+        from render.storyboard import save_image
+
+        save_image(self.frame_path(i), rgb)
+
+    def load(self, i: int) -> np.ndarray:
+        return read_image(self.frame_path(i), "rendered frame")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def resolve_device(device: str, dtype: str):
+    """('cuda'|'cpu', torch dtype) from the user's choices; fp16 on GPU and fp32 on CPU by default."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RetargetError("--device cuda: no CUDA GPU is visible to PyTorch")
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype == "auto":
+        return device, (torch.float16 if device == "cuda" else torch.float32)
+    if device == "cpu" and dtype == "fp16":
+        raise RetargetError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    return device, table[dtype]
+
+
+def auto_batch(device: str, image_size: int) -> int:
+    """Frames per batch from free GPU memory (about 1.2 GB per 512x512 frame with CFG and the
+    reference bank in fp16, measured by bench/pipeline.py); 2 on the CPU."""
+    if device != "cuda":
+        return 2
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    per_frame = 1.2e9 * (image_size / 512) ** 2
+    return int(max(1, min(32, (free - 2e9) // per_frame)))
+
+
+def is_oom(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+
+
+def _progress(total: int, desc: str, unit: str = "frame", initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, leave=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.PathLike,
+        options: RunOptions | None = None, *, weights=None, log=print) -> RunSummary:
+    """Render `out` (.mp4/.mov/.mkv): the actor of `actor_path` performing the face of `drive`.
+
+    drive: a video file, folder of frames or image; actor_path: a photo with one face (the
+    largest is used when there are several, and this is reported); weights: a WeightsLayout or
+    folder (default: resolved as in the CLI). Raises RetargetError on bad input; never leaves a
+    broken `out` (it is written under a temporary name and renamed at the end).
+    """
+    from render.video import VideoWriter, open_video
+    from retarget.motion import (
+        nearest_frames, output_times, parse_gain, pick_neutral_frame, retarget_params, sample_params,
+    )
+    from retarget.weights import WeightsLayout
+
+    opts = options or RunOptions()
+    t0 = time.perf_counter()
+    drive, actor_path, out = Path(drive), Path(actor_path), Path(out)
+    layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+
+    # 1. inputs first: a bad path must fail before minutes of model loading.
+    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise RetargetError(f"output {out}: use a .mp4, .mov or .mkv name")
+    if not drive.exists():
+        raise RetargetError(f"driving video {drive} does not exist")
+    reader = open_video(drive)
+    actor_rgb = read_image(actor_path, "actor photo")
+    check_writable(out.parent, "output folder")
+    gain = parse_gain(opts.gain)
+    if opts.fast:
+        layout.require("lcm_lora")
+    for name in ("arc2face_unet", "encoder", "arcface_onnx", "exp_adapter", "ref_adapter_lora",
+                 "vae", "scheduler", "tokenizer", "smirk_ckpt"):
+        layout.require(name)
+
+    device, dtype = resolve_device(opts.device, opts.dtype)
+    steps, guidance = (4, 1.0) if opts.fast and opts.steps == 25 and opts.guidance == 3.0 else (opts.steps, opts.guidance)
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+
+    # 2. the driving performance.
+    track = _driving_track(drive, layout, opts, work, device, log)
+    at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
+    driver = sample_params(track.times, track.params, at)
+    out_fps = opts.fps or track.fps
+
+    # 3. identity, reference and (relative mode) the actor's own expression: once per run.
+    import torch
+
+    from retarget.pipeline import RetargetPipeline
+
+    log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
+    pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
+    gen = torch.Generator("cpu").manual_seed(opts.seed)
+    actor = pipe.prepare_actor(actor_rgb, generator=gen, ref_latent=opts.ref_latent)
+    if actor.face_report:
+        log(actor.face_report)
+    actor_neutral = driver_neutral = None
+    if opts.relative:
+        from tracking.tracker import track_image
+
+        actor_neutral = track_image(actor_rgb, smirk_path=layout.smirk_ckpt,
+                                    landmarker_path=layout.optional("face_landmarker"), device=device)
+        n = opts.neutral_frame if opts.neutral_frame is not None else pick_neutral_frame(track.params, track.valid)
+        if not 0 <= n < len(track.params):
+            raise RetargetError(f"--neutral-frame {n} is outside the driving video's {len(track.params)} frames")
+        driver_neutral = track.params[n]
+        log(f"relative mode: driver neutral = frame {n} ({track.times[n]:.2f}s)")
+    params = retarget_params(driver, gain, relative=opts.relative,
+                             driver_neutral=driver_neutral, actor_neutral=actor_neutral)
+
+    # 4. render in batches aligned to multiples of the batch size, so a resumed run renders the
+    # same batches (bit-identical frames) as an uninterrupted one.
+    batch = opts.batch or auto_batch(device, pipe.image_size)
+    manifest = {
+        "drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve()),
+        "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
+        "params": hashlib.sha256(params.tobytes()).hexdigest()[:16], "batch": batch,
+        "device": device, "dtype": str(dtype), "steps": steps, "guidance": guidance,
+        **{k: v for k, v in asdict(opts).items() if k in (
+            "exp_scale", "ref_strength", "seed", "fast", "per_frame_noise", "ref_latent")},
+    }
+    work.start(manifest, opts.resume)
+    rendered = _render_all(pipe, actor, params, work, batch, dict(
+        steps=steps, guidance=guidance, exp_scale=opts.exp_scale, ref_strength=opts.ref_strength,
+        scheduler="lcm" if opts.fast else "dpm++", seed=opts.seed, per_frame_noise=opts.per_frame_noise), log)
+
+    # 5. compose: paste back, previews, audio; the output appears only when complete.
+    preview_path = out.with_name(out.stem + ".preview" + out.suffix) if opts.preview != "none" else None
+    frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
+    if frames_dir:
+        check_writable(frames_dir, "--frames-dir")
+    audio_end = at[-1] + 1.0 / out_fps
+    driving_index = nearest_frames(track.times, at)
+    flame = _load_flame(layout) if preview_path else None
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        writer = stack.enter_context(VideoWriter(out, out_fps, audio_from=drive if reader.has_audio else None,
+                                                 audio_start=float(at[0]), audio_end=float(audio_end)))
+        pwriter = stack.enter_context(VideoWriter(preview_path, out_fps)) if preview_path else None
+        frames_iter = _driving_frames(reader, track.times, driving_index) if pwriter else None
+        bar = _progress(len(at), "writing")
+        for i in range(len(at)):
+            face = work.load(i)
+            frame = pipe_paste(actor_rgb, face, actor) if opts.paste_back else face
+            writer.write(frame)
+            if frames_dir:
+                from render.storyboard import save_image
+
+                save_image(frames_dir / f"{i:06d}.png", frame)
+            if pwriter:
+                from render.mesh import params_to_mesh_image
+                from render.preview import side_by_side
+
+                panels = [next(frames_iter), frame]
+                if flame is not None:
+                    panels.append(params_to_mesh_image(flame, params[i], size=512))
+                labels = ["driving", "output"] + (["FLAME"] if flame is not None else [])
+                pwriter.write(side_by_side(panels, height=min(512, frame.shape[0]) // 2 * 2, labels=labels))
+            bar.update(1)
+        bar.close()
+    if not opts.keep_work:
+        shutil.rmtree(work.root, ignore_errors=True)
+    invalid = int((~track.valid).sum())
+    return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
+                      invalid_frames=invalid, output=out, preview=preview_path, frames_dir=frames_dir,
+                      face_report=actor.face_report)
+
+
+def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
+    """The generated aligned face pasted into the full-resolution actor photo."""
+    from render.paste import paste_back
+
+    return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
+
+
+def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log):
+    from tracking.track import Track
+
+    if opts.track:
+        track = Track.load(opts.track)
+        log(f"using track {opts.track} ({len(track.times)} frames)")
+        return track
+    cached = work.root / "drive.track.npz"
+    if opts.resume and cached.is_file():
+        track = Track.load(cached)
+        if track.smoothing.get("method") == opts.smooth:
+            log(f"resuming with the track in {cached}")
+            return track
+    from tracking.tracker import TrackOptions, summarize, track_video
+
+    track = track_video(drive, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
+                        options=TrackOptions(smoothing=opts.smooth, device=device))
+    log(summarize(track))
+    work.root.mkdir(parents=True, exist_ok=True)
+    track.save(cached)
+    return track
+
+
+def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, call: dict, log) -> int:
+    """Render every frame missing from `work`, `batch` frames at a time; halve the batch and
+    retry on out-of-memory. Returns how many frames were rendered now."""
+    n = len(params)
+    todo = [s for s in range(0, n, batch) if not all(work.has(i) for i in range(s, min(n, s + batch)))]
+    done = n - sum(min(n, s + batch) - s for s in todo)
+    if done:
+        log(f"resuming: {done} of {n} frames already rendered")
+    bar = _progress(n, "rendering", initial=done)
+    rendered = 0
+    for s in todo:
+        idx = list(range(s, min(n, s + batch)))
+        images = _render_with_backoff(pipe, actor, params, idx, call)
+        for i, img in zip(idx, images):
+            work.save(i, img)
+        rendered += len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return rendered
+
+
+def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict) -> list[np.ndarray]:
+    try:
+        return list(pipe(actor, params[idx], frame_indices=idx, **call))
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        import torch
+
+        torch.cuda.empty_cache()
+        if len(idx) == 1:
+            raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
+                                "or free the GPU") from None
+        half = len(idx) // 2
+        return (_render_with_backoff(pipe, actor, params, idx[:half], call)
+                + _render_with_backoff(pipe, actor, params, idx[half:], call))
+
+
+def _driving_frames(reader, times: np.ndarray, wanted: np.ndarray):
+    """Yield the driving frame (RGB) for each output frame, streaming through the video once."""
+    frames = iter(reader)
+    current = next(frames)
+    pos = 0
+    for w in wanted:
+        while pos < w:
+            try:
+                current = next(frames)
+            except StopIteration:
+                break
+            pos += 1
+        yield current.rgb
+
+
+def _load_flame(layout):
+    path = layout.optional("flame_model")
+    if path is None:
+        return None
+    from render.mesh import load_flame
+
+    return load_flame(path)
