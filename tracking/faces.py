@@ -343,7 +343,8 @@ def _load_insightface_model(path: Path, providers: list[str], taskname: str):
         raise RetargetError(f"{path}: not a readable insightface ONNX model ({detail[:200]})") from exc
     found = getattr(model, "taskname", None)
     if found != taskname:
-        raise RetargetError(f"{path}: expected an insightface {taskname} model, found {found}")
+        what = f"a {found} model" if found else "a model insightface does not recognise"
+        raise RetargetError(f"{path}: expected an insightface {taskname} model, found {what}")
     return model
 
 
