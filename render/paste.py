@@ -14,10 +14,11 @@ import numpy as np
 from render.errors import RetargetError
 
 # The face region of an FFHQ-aligned crop, as fractions of the crop size. The FFHQ quad puts
-# the eyes just above the centre (about 0.47 of the height, 0.25 of the width apart) and the
-# mouth at about 0.72; this ellipse spans brow/forehead to chin and cheek to cheek.
-_FACE_CENTER = (0.5, 0.54)
-_FACE_AXES = (0.31, 0.38)
+# the eyes just above the centre (about 0.48 of the height, 0.34 of the width apart), the
+# mouth at about 0.69 and the chin at about 0.91 (measured on dlib landmarks of a real
+# photo); this ellipse spans forehead to just below the chin and cheek to cheek.
+_FACE_CENTER = (0.5, 0.55)
+_FACE_AXES = (0.31, 0.39)
 
 
 def _as_rgb_u8(image: np.ndarray, name: str) -> np.ndarray:
