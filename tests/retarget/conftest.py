@@ -1,0 +1,80 @@
+"""Fixtures for the pipeline tests: the tiny release loaded once, a stock diffusers pipeline on the same
+files, and an actor built from a real face (skimage astronaut) without the face detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+STEPS = 3  # few steps keep the suite fast; multistep DPM++ still uses its 2nd-order updates from step 2
+
+
+@pytest.fixture(scope="session")
+def tiny_layout(tiny_weights):
+    from retarget.weights import WeightsLayout
+
+    return WeightsLayout(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_layout):
+    """RetargetPipeline on the tiny weights, fp32 CPU. Tests must not leave state on it: every __call__
+    sets adapters, scales and the reference mode itself."""
+    from retarget.pipeline import RetargetPipeline
+
+    return RetargetPipeline.from_weights(tiny_layout, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def face_crop(astronaut_rgb) -> np.ndarray:
+    """The astronaut's face region, square, 256x256 uint8 (a stand-in for an FFHQ crop)."""
+    import cv2
+
+    return np.ascontiguousarray(cv2.resize(astronaut_rgb[20:260, 120:360], (256, 256), interpolation=cv2.INTER_AREA))
+
+
+@pytest.fixture(scope="session")
+def arcface_vec(pipe, face_crop) -> np.ndarray:
+    """(512,) unit vector: the tiny ArcFace network on the astronaut's face, resized to 112x112."""
+    import cv2
+
+    return pipe.arcface(cv2.resize(face_crop, (112, 112), interpolation=cv2.INTER_AREA))[0]
+
+
+@pytest.fixture(scope="session")
+def actor(pipe, arcface_vec, face_crop):
+    return pipe.make_actor(arcface_vec, face_crop, seed=7)
+
+
+@pytest.fixture(scope="session")
+def expressions() -> np.ndarray:
+    """(3, 55) float32 expression vectors in the range SMIRK produces."""
+    return (np.random.default_rng(5).standard_normal((3, 55)) * 0.8).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def stock_unet(tiny_layout):
+    """A second, untouched copy of the Arc2Face UNet (no adapters, default processors)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_layout.arc2face_unet).eval()
+
+
+@pytest.fixture(scope="session")
+def make_stock(pipe):
+    """Factory: diffusers' StableDiffusionPipeline on our VAE, text encoder, tokenizer and a given UNet,
+    with the DPM++ scheduler built from the release's config."""
+    from diffusers import StableDiffusionPipeline
+
+    from retarget.components import make_scheduler
+
+    def make(unet):
+        sd = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                     unet=unet,
+                                     scheduler=make_scheduler(pipe.scheduler.config, "dpm++"), safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+        sd.set_progress_bar_config(disable=True)
+        return sd
+
+    return make
