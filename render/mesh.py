@@ -317,7 +317,7 @@ def render_mesh(
     """Draw a triangle mesh, shaded, as a (size, size, 3) uint8 RGB image.
 
     vertices: (V, 3) in FLAME axes (y up, z toward the viewer); faces: (F, 3) int indices.
-    yaw: degrees of rotation about the vertical axis (positive turns the face to image-left).
+    yaw: degrees of rotation about the vertical axis (positive turns the nose toward image-right).
     Orthographic projection scaled so that the bounds of `fit_to` (default: the vertices
     themselves; pass the template to keep the framing fixed across a video) fill the image
     minus `margin` on each side. Two-sided Lambert shading with a fixed light from the upper
