@@ -257,3 +257,69 @@ def test_corrupt_landmarker_task_is_named_and_not_skipped(tmp_path):
     # A present but broken model must fail loudly, not fall back to dlib.
     with pytest.raises(RetargetError, match="face_landmarker.task"):
         make_face_backend(landmarker_path=bad)
+
+
+def _write_scrfd_shaped_onnx(path):
+    """An ONNX graph with SCRFD's interface (9 outputs: scores, box and keypoint distances
+    at strides 8/16/32, 2 anchors) and handmade weights: it is no face detector. Its
+    stride-32 score is the mean of the network's first input channel over each 32x32 cell
+    (insightface swaps BGR to RGB, so that is red); boxes are anchor +- 1 stride; keypoint
+    k sits at anchor + (0.2k, 0.2k + 0.1) strides. It exercises our use of insightface's
+    SCRFD code: colour order, det-size scaling, output parsing."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outs = [], [], []
+    x = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])
+    for kind, ch in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for s in (8, 16, 32):
+            w = np.zeros((2 * ch, 3, s, s), np.float32)
+            b = np.zeros(2 * ch, np.float32)
+            if kind == "score" and s == 32:
+                w[:, 0] = 0.5 / (s * s)  # input normalised to about [-1, 1] -> score in [0, 1]
+                b[:] = 0.5
+            elif kind == "bbox":
+                b[:] = 1.0
+            elif kind == "kps":
+                b[:] = np.tile(np.arange(10, dtype=np.float32) * 0.1, 2)
+            name = f"{kind}{s}"
+            inits += [
+                numpy_helper.from_array(w, name + "_w"),
+                numpy_helper.from_array(b, name + "_b"),
+                numpy_helper.from_array(np.array([-1, ch], np.int64), name + "_shape"),
+            ]
+            nodes += [
+                helper.make_node("Conv", ["input.1", name + "_w", name + "_b"], [name + "_c"], kernel_shape=[s, s], strides=[s, s]),
+                helper.make_node("Transpose", [name + "_c"], [name + "_t"], perm=[0, 2, 3, 1]),
+                helper.make_node("Reshape", [name + "_t", name + "_shape"], [name]),
+            ]
+            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", ch]))
+    model = helper.make_model(
+        helper.make_graph(nodes, "scrfd_shaped", [x], outs, initializer=inits),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_insightface_backend_drives_scrfd_code_correctly(tmp_path):
+    _write_scrfd_shaped_onnx(tmp_path / "scrfd_10g_bnkps.onnx")
+    backend = make_face_backend(antelopev2_dir=tmp_path)
+    assert backend.name == "insightface"
+    # 1280x960 goes into the 640x640 detector at scale 0.5. A red 256 px square covers 4x4
+    # stride-32 cells of the detector input: anchors x 320..416, y 160..256 there.
+    image = np.zeros((960, 1280, 3), np.uint8)
+    image[320:576, 640:896, 0] = 255
+    faces = backend.detect(image)
+    assert len(faces) == 16
+    centres = np.array([f.centre for f in faces])
+    np.testing.assert_allclose(centres.min(0), [640, 320])
+    np.testing.assert_allclose(centres.max(0), [832, 512])
+    for face in faces:
+        assert face.score == pytest.approx(0.5 + 0.5 * 127.5 / 128, abs=1e-3)
+        np.testing.assert_allclose(face.bbox[2:] - face.bbox[:2], [128, 128])  # +-1 stride, /0.5
+        offsets = (face.kps5 - face.centre) / 64.0
+        np.testing.assert_allclose(offsets, np.arange(10).reshape(5, 2) * 0.1, atol=1e-5)
+        assert face.lmk68 is None and face.landmarks is face.kps5
+    # The same square in blue is not seen: colours reach the network in the order it expects.
+    assert backend.detect(image[:, :, ::-1]) == []
