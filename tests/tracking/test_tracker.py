@@ -1,0 +1,170 @@
+"""tracking.tracker: a real face video (the astronaut, moving) -> track, with frames blanked
+out to check the invalid mask and the filled values; the encoder crop of a rotated/scaled face;
+parallel detection equal to sequential; and clear errors for videos without a usable face."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from render.errors import RetargetError
+from tracking.tracker import TrackOptions, encoder_crop, summarize, track_video
+from tracking.track import Track
+
+FPS = 25
+N_FRAMES = 24
+BLANK = {0, 7, 8, 9, 15, 23}  # frames with no face: at both ends and a run in the middle
+
+
+@pytest.fixture(scope="module")
+def smirk_path(tmp_path_factory) -> Path:
+    """A SMIRK checkpoint in the release format (real architecture, random weights)."""
+    from retarget.tiny import smirk_state_dict
+
+    path = tmp_path_factory.mktemp("smirk") / "SMIRK_em1.pt"
+    torch.save(smirk_state_dict(seed=7), path)
+    return path
+
+
+def _write(path: Path, frames: list[np.ndarray], fps: int = FPS) -> Path:
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+    s.options = {"crf": "12"}
+    for i, rgb in enumerate(frames):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        f.pts, f.time_base = i, Fraction(1, fps)
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+def astronaut_frames(astronaut_rgb: np.ndarray) -> list[np.ndarray]:
+    """256x256 frames of the astronaut drifting, turning and zooming a little; frames in
+    BLANK are flat grey or noise (no face)."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(N_FRAMES):
+        if i in BLANK:
+            frames.append(np.full((256, 256, 3), 128, np.uint8) if i % 2 else
+                          rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+            continue
+        # (223, 127): the face centre in astronaut.png; the face is ~65 px wide in the frame.
+        angle, scale = 6.0 * np.sin(i / 4), 0.75 * (1 + 0.06 * np.cos(i / 5))
+        A = cv2.getRotationMatrix2D((223.0, 127.0), angle, scale)
+        A[:, 2] += np.array([128.0 + 3 * np.sin(i / 3), 120.0]) - np.array([223.0, 127.0])
+        frames.append(cv2.warpAffine(astronaut_rgb, A, (256, 256), borderValue=(90, 90, 90)))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def face_video(astronaut_rgb, tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("video") / "astronaut.mp4", astronaut_frames(astronaut_rgb))
+
+
+@pytest.fixture(scope="module")
+def unsmoothed(face_video, smirk_path) -> Track:
+    return track_video(face_video, smirk_path=smirk_path, options=TrackOptions(smoothing="none"), progress=False)
+
+
+def test_invalid_mask_and_filled_values(unsmoothed):
+    track = unsmoothed
+    assert len(track) == N_FRAMES and track.fps == FPS and track.backend == "dlib"
+    np.testing.assert_allclose(track.times, np.arange(N_FRAMES) / FPS, atol=1e-6)
+    expected_valid = np.array([i not in BLANK for i in range(N_FRAMES)])
+    np.testing.assert_array_equal(track.valid, expected_valid)
+    assert np.isnan(track.raw[~expected_valid]).all() and np.isfinite(track.raw[expected_valid]).all()
+    p, r = track.params, track.raw
+    np.testing.assert_array_equal(p[expected_valid], r[expected_valid])  # smoothing "none"
+    np.testing.assert_allclose(p[0], r[1])          # leading gap: held from the first face
+    np.testing.assert_allclose(p[23], r[22])        # trailing gap: held from the last face
+    for i, w in ((7, 1 / 4), (8, 2 / 4), (9, 3 / 4)):  # frames 6 and 10 bracket the run 7-9
+        np.testing.assert_allclose(p[i], (1 - w) * r[6] + w * r[10], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p[15], 0.5 * (r[14] + r[16]), rtol=1e-5, atol=1e-5)
+    assert track.invalid_ranges() == [(0, 0), (7, 9), (15, 15), (23, 23)]
+    line = summarize(track)
+    assert "\n" not in line and "no face in 6" in line and "7-9 (0.28-0.36s)" in line and "face in 18/24" in line
+    assert track.source_sha256 and track.weights_id.startswith("SMIRK_em1.pt:sha256:")
+
+
+def test_smoothed_track_keeps_raw_and_round_trips(face_video, smirk_path, unsmoothed, tmp_path):
+    track = track_video(face_video, smirk_path=smirk_path, progress=False)  # default: zero_phase
+    assert track.smoothing == {"method": "zero_phase", "cutoff_hz": 2.5}
+    np.testing.assert_array_equal(track.raw, unsmoothed.raw)  # raw is never smoothed
+    assert np.isfinite(track.params).all() and not np.allclose(track.params, unsmoothed.params)
+    back = Track.load(track.save(tmp_path / "a.track.npz"))
+    np.testing.assert_array_equal(back.params, track.params)
+    part = track_video(face_video, smirk_path=smirk_path, progress=False,
+                       options=TrackOptions(smoothing="none", start=0.4, max_frames=5))
+    np.testing.assert_allclose(part.times, np.arange(10, 15) / FPS, atol=1e-6)
+    np.testing.assert_array_equal(part.raw, unsmoothed.raw[10:15])
+
+
+def test_parallel_detection_equals_sequential(face_video, smirk_path, unsmoothed):
+    par = track_video(face_video, smirk_path=smirk_path, progress=False,
+                      options=TrackOptions(smoothing="none", detect_workers=2, batch_size=5))
+    np.testing.assert_array_equal(par.valid, unsmoothed.valid)
+    # Batch size 5 vs 8: float32 convolutions may sum in another order; 1e-5 of the largest value.
+    np.testing.assert_allclose(par.raw, unsmoothed.raw, rtol=0, atol=1e-5 * np.nanmax(np.abs(unsmoothed.raw)))
+
+
+def test_single_image(astronaut_rgb, smirk_path, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "actor.jpg"
+    Image.fromarray(astronaut_rgb).save(path, quality=95)
+    track = track_video(path, smirk_path=smirk_path, progress=False)
+    assert len(track) == 1 and track.valid.all() and track.params.shape == (1, 55)
+    assert "1 frame," in summarize(track)
+
+
+def test_encoder_crop_centres_a_rotated_scaled_face(astronaut_view, dlib_backend):
+    # The crop fed to SMIRK: detect the face again inside it; it must sit in the middle,
+    # its landmarks spanning about 1/1.4 of the crop, whatever the view's rotation and scale.
+    face = astronaut_view.faces[0]
+    crop = encoder_crop(astronaut_view.image, face)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    again = dlib_backend.detect(crop)
+    assert len(again) == 1
+    lm = again[0].landmarks
+    centre = (lm.min(0) + lm.max(0)) / 2
+    span = ((lm.max(0) - lm.min(0)).sum() / 2)
+    assert np.all(np.abs(centre - 111.5) < 10), centre
+    assert abs(span - 224 / 1.4) < 16, span
+
+
+@pytest.mark.parametrize("case", ["no_face", "corrupt", "empty", "missing"])
+def test_unusable_videos_raise_one_clear_error(case, smirk_path, tmp_path):
+    path = tmp_path / "in.mp4"
+    if case == "no_face":
+        rng = np.random.default_rng(1)
+        _write(path, [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(6)])
+    elif case == "corrupt":
+        path.write_bytes(np.random.default_rng(2).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    elif case == "empty":
+        path.write_bytes(b"")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RetargetError) as e:
+        track_video(path, smirk_path=smirk_path, progress=False)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    if case == "no_face":
+        assert "no face found in any of the 6 frames" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_bad_options_raise(face_video, smirk_path):
+    with pytest.raises(RetargetError, match="smoothing"):
+        track_video(face_video, smirk_path=smirk_path, progress=False, options=TrackOptions(smoothing="kalman"))
+    with pytest.raises(RetargetError, match="SMIRK"):
+        track_video(face_video, smirk_path=face_video, progress=False)

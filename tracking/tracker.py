@@ -1,0 +1,270 @@
+"""Video -> track: decode, find the subject's face, SMIRK-crop, encode, fill gaps, smooth.
+
+Streaming: frames are decoded one at a time and dropped once cropped; at most a window of
+frames (for parallel detection) and a batch of 224x224 crops (for the encoder) are held.
+Frames where the subject's face is not found are marked invalid, stored as NaN in
+`Track.raw` and filled by interpolation in `Track.params`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from render.errors import RetargetError
+from render.video import VideoFrame, open_video
+from tracking import smoothing as sm
+from tracking.track import N_PARAMS, Track
+
+# After this long without the subject, start over with the largest face (the subject may
+# have left and come back elsewhere in the frame).
+REACQUIRE_AFTER_S = 1.0
+
+
+@dataclass
+class TrackOptions:
+    """Options of `retarget track` (the CLI is generated from these fields)."""
+
+    smoothing: str = field(default="zero_phase", metadata={
+        "help": "temporal smoothing: zero_phase (offline, no lag), one_euro (causal, for streaming) or none",
+        "choices": sm.METHODS})
+    cutoff_hz: float = field(default=sm.ZERO_PHASE_CUTOFF_HZ, metadata={
+        "help": "zero_phase: half-power cutoff in Hz (higher keeps faster motion, and more jitter)"})
+    min_cutoff: float = field(default=sm.ONE_EURO_MIN_CUTOFF, metadata={
+        "help": "one_euro: cutoff in Hz when the face is still (lower: less jitter, more lag)"})
+    beta: float = field(default=sm.ONE_EURO_BETA, metadata={
+        "help": "one_euro: how fast the cutoff rises with speed (higher: less lag in fast motion)"})
+    d_cutoff: float = field(default=sm.ONE_EURO_D_CUTOFF, metadata={
+        "help": "one_euro: cutoff in Hz of the speed estimate"})
+    batch_size: int = field(default=0, metadata={
+        "help": "face crops per encoder call (0: 64 on GPU, 8 on CPU)"})
+    device: str = field(default="auto", metadata={
+        "help": "where the SMIRK encoder runs: auto (cuda if available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    detect_workers: int = field(default=0, metadata={
+        "help": "processes running face detection in parallel (0: none, -1: one per spare CPU core)"})
+    start: float = field(default=0.0, metadata={"help": "first second of the video to track"})
+    end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)"})
+    max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames"})
+    image_fps: float | None = field(default=None, metadata={
+        "help": "frame rate given to a folder of images (default 25)"})
+
+    def smoothing_params(self) -> dict:
+        """The record stored in the track: {"method": ..., its parameters}."""
+        if self.smoothing == "zero_phase":
+            return {"method": "zero_phase", "cutoff_hz": self.cutoff_hz}
+        if self.smoothing == "one_euro":
+            return {"method": "one_euro", "min_cutoff": self.min_cutoff, "beta": self.beta,
+                    "d_cutoff": self.d_cutoff}
+        if self.smoothing == "none":
+            return {"method": "none"}
+        raise RetargetError(f"--smoothing {self.smoothing!r}: choose one of {', '.join(sm.METHODS)}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RetargetError("--device cuda: no CUDA GPU is visible to torch")
+    if device not in ("cpu", "cuda"):
+        raise RetargetError(f"--device {device!r}: choose auto, cpu or cuda")
+    return device
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes; for a folder, of its image names and bytes in natural order."""
+    from render.video import IMAGE_EXTENSIONS, _natural_key
+
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path]
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                       key=lambda p: _natural_key(p.name))
+    for p in files:
+        if path.is_dir():
+            h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+# -- detection, sequential or in worker processes -------------------------------------------
+
+_worker_backend = None
+
+
+def _init_worker(kind: str, landmarker_path: str | None) -> None:
+    global _worker_backend
+    from tracking.faces import make_face_backend
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _worker_backend = make_face_backend(kind, landmarker_path=landmarker_path)
+
+
+def _detect_in_worker(rgb: np.ndarray) -> list:
+    return _worker_backend.detect(rgb)
+
+
+def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
+                  landmarker_path: str | None = None) -> Iterator[tuple[VideoFrame, list]]:
+    """Yield (frame, faces) in frame order. workers > 0: detection runs in that many processes
+    (each builds its own backend of the same kind) with at most 3 frames per worker in
+    flight, so memory stays bounded; the faces are the same as sequential detection's.
+    Sequential MediaPipe runs in its video mode (landmarks tracked between frames)."""
+    if workers <= 0:
+        last_ms = -1
+        for frame in frames:
+            ms = max(int(round(frame.time_s * 1000)), last_ms + 1)
+            last_ms = ms
+            yield frame, backend.detect(frame.rgb, timestamp_ms=ms if backend.name == "mediapipe" else None)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(backend.name, landmarker_path)) as pool:
+        window: deque = deque()
+        for frame in frames:
+            window.append((frame, pool.submit(_detect_in_worker, frame.rgb)))
+            if len(window) >= 3 * workers:
+                f, fut = window.popleft()
+                yield f, fut.result()
+        while window:
+            f, fut = window.popleft()
+            yield f, fut.result()
+
+
+def _auto_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return max(0, (os.cpu_count() or 1) - 1)
+
+
+def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
+    """The SMIRK input for one face: (224, 224, 3) uint8 RGB, the square around the face's
+    landmarks enlarged 1.4x (SPEC.md §5). The encoder divides by 255, as SMIRK's demo does
+    with its 8-bit crops."""
+    from tracking.align import smirk_crop
+
+    return smirk_crop(rgb, face.landmarks, size=224, scale=1.4)[0]
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
+                landmarker_path: str | os.PathLike | None = None, options: TrackOptions | None = None,
+                progress: bool = True) -> Track:
+    """Track the subject's face through a video file, a folder of images or one image.
+
+    smirk_path: the SMIRK checkpoint (release or tiny). landmarker_path: MediaPipe's
+    face_landmarker.task; when absent the dlib backend finds the landmarks. Returns a Track
+    (T frames, 55 parameters each; `raw` NaN where no face was found, `params` filled and
+    smoothed; `times` the source's timestamps in seconds). Raises RetargetError for
+    unreadable input, bad weights, or when no frame shows a face.
+    """
+    import torch
+
+    from tracking.faces import follow_subject, make_face_backend
+    from tracking.smirk import load_smirk_encoder, weights_identity
+
+    options = options or TrackOptions()
+    smoothing = options.smoothing_params()
+    path = Path(path)
+    reader = open_video(path, fps=options.image_fps)
+    device = resolve_device(options.device)
+    batch_size = options.batch_size or (64 if device == "cuda" else 8)
+    encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
+    lm_path = str(landmarker_path) if landmarker_path is not None else None
+    backend = make_face_backend("auto", landmarker_path=lm_path)
+    workers = _auto_workers(options.detect_workers)
+
+    times: list[float] = []
+    raw_rows: list[np.ndarray] = []
+    valid: list[bool] = []
+    crops: list[np.ndarray] = []
+    crop_rows: list[int] = []
+
+    def flush() -> None:
+        if crops:
+            out = encoder.encode(np.stack(crops))
+            for row, vec in zip(crop_rows, out):
+                raw_rows[row] = vec
+            crops.clear()
+            crop_rows.clear()
+
+    from tqdm import tqdm
+
+    total = reader.frame_count or None
+    if options.max_frames is not None and total:
+        total = min(total, options.max_frames)
+    bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress, dynamic_ncols=True)
+    previous, last_seen = None, None
+    nan_row = np.full(N_PARAMS, np.nan, np.float32)
+    try:
+        frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
+        for frame, faces in detect_stream(frames, backend, workers=workers, landmarker_path=lm_path):
+            if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
+                previous = None
+            face = follow_subject(faces, previous)
+            times.append(frame.time_s)
+            raw_rows.append(nan_row)
+            valid.append(face is not None)
+            if face is not None:
+                crops.append(encoder_crop(frame.rgb, face))
+                crop_rows.append(len(raw_rows) - 1)
+                previous, last_seen = face, frame.time_s
+                if len(crops) >= batch_size:
+                    flush()
+            bar.update(1)
+        flush()
+    except torch.cuda.OutOfMemoryError:
+        raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
+    finally:
+        bar.close()
+
+    valid_arr = np.array(valid, dtype=bool)
+    times_arr = np.array(times, dtype=np.float64)
+    if not valid_arr.any():
+        what = "the image" if reader.kind == "image" else f"any of the {len(valid)} frames"
+        raise RetargetError(f"no face found in {what} of {path} (face backend: {backend.name})")
+    raw = np.stack(raw_rows).astype(np.float32)
+    filled = sm.fill_invalid(raw, valid_arr, times_arr)
+    params = sm.smooth(filled, times_arr, smoothing["method"], **{k: v for k, v in smoothing.items()
+                                                                    if k != "method"})
+    return Track(raw=raw, params=params, valid=valid_arr, times=times_arr, fps=reader.fps, source=str(path),
+                 source_sha256=source_sha256(path), backend=backend.name,
+                 weights_id=weights_identity(smirk_path), smoothing=smoothing)
+
+
+def _fmt_ranges(track: Track, limit: int = 6) -> str:
+    parts = []
+    for a, b in track.invalid_ranges()[:limit]:
+        frames = f"{a}" if a == b else f"{a}-{b}"
+        secs = f"{track.times[a]:.2f}s" if a == b else f"{track.times[a]:.2f}-{track.times[b]:.2f}s"
+        parts.append(f"{frames} ({secs})")
+    more = len(track.invalid_ranges()) - limit
+    return ", ".join(parts) + (f", +{more} more" if more > 0 else "")
+
+
+def summarize(track: Track) -> str:
+    """One line: frames, duration, fps, how many had a face, and where the face was missing."""
+    T = len(track)
+    span = float(track.times[-1] - track.times[0]) if T > 1 else 0.0
+    line = (f"{Path(track.source).name or 'track'}: {T} frame{'s' if T != 1 else ''}, {span:.2f} s at "
+            f"{track.fps:.2f} fps, face in {T - track.n_invalid}/{T} ({track.backend}, "
+            f"smoothing {track.smoothing.get('method', 'none')})")
+    if track.n_invalid:
+        line += f"; no face in {track.n_invalid} (filled): frames {_fmt_ranges(track)}"
+    return line
