@@ -123,3 +123,37 @@ def test_construction_validates():
     bad[3, 3] = np.nan
     with pytest.raises(RetargetError, match="non-finite"):
         Track(raw=t.raw, params=bad, valid=t.valid, times=t.times, fps=25)
+
+
+def test_csv_export(tmp_path):
+    import csv
+
+    from tracking.export import write_csv
+
+    track = make_track()
+    rows = list(csv.reader(write_csv(track, tmp_path / "t.csv").open()))
+    assert rows[0][:5] == ["time", "frame", "valid", "exp_0", "exp_1"] and rows[0][-1] == "jaw_2"
+    assert len(rows) == 13 and len(rows[0]) == 58
+    got = np.array([[float(c) for c in r[3:]] for r in rows[1:]])
+    np.testing.assert_allclose(got, track.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([float(r[0]) for r in rows[1:]], track.times, atol=1e-6)
+    assert [int(r[2]) for r in rows[1:]] == track.valid.astype(int).tolist()
+    both = list(csv.reader(write_csv(track, tmp_path / "b.csv", which="both").open()))
+    assert both[0][58] == "raw_exp_0" and len(both[0]) == 113
+    assert both[1][58] == "" and float(both[2][58]) == pytest.approx(float(track.raw[1, 0]), rel=1e-5)
+    with pytest.raises(RetargetError, match="does not exist"):
+        write_csv(track, tmp_path / "nope" / "t.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.csv", "t.csv"]
+
+
+def test_plot_export(tmp_path):
+    from PIL import Image
+
+    from tracking.export import plot_track
+
+    path = plot_track(make_track(), tmp_path / "t.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 500
+        rgb = np.asarray(im.convert("RGB"))
+    assert (np.abs(rgb.astype(int) - 217).max(axis=2) <= 2).sum() > 1000  # the shaded invalid spans (0.85 grey)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png"]
