@@ -461,9 +461,9 @@ class _AudioCarrier:
             self._packets = self.inp.demux(self.in_stream)
         else:
             rate = self.in_stream.codec_context.sample_rate or 48000
-            layout = self.in_stream.codec_context.layout.name if self.in_stream.codec_context.layout else "stereo"
-            if self.in_stream.codec_context.channels > 2:
-                layout = "stereo"
+            # By channel count, not the source's layout name: a WAV without a channel mask reports
+            # "1 channels", which the AAC encoder refuses.
+            layout = "mono" if self.in_stream.codec_context.channels == 1 else "stereo"
             self.out_stream = out.add_stream("aac", rate=rate)
             self.out_stream.codec_context.layout = layout
             self.out_stream.codec_context.format = "fltp"

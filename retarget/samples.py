@@ -65,7 +65,7 @@ def sample_driving_frames(seconds: float = 2.0, fps: float = 25.0, size: int = 2
         yield t, cv2.warpAffine(warped, M, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
 
 
-def write_tone(path: Path, seconds: float, rate: int = 16000) -> None:
+def write_tone(path: Path, seconds: float, rate: int = 44100) -> None:
     """A mono 16-bit WAV: a 220 Hz tone whose loudness follows the sample mouth opening."""
     t = np.arange(int(seconds * rate)) / rate
     signal = 0.4 * mouth_opening(t) * np.sin(2 * np.pi * 220 * t)
