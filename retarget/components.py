@@ -8,6 +8,7 @@ puts the pieces together.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 
@@ -86,10 +87,12 @@ def make_scheduler(config: dict, kind: str = "dpm++"):
     sampler), "lcm" -> `LCMScheduler` (the base model's LCM-LoRA fast mode)."""
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
-    if kind == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config)
-    if kind == "lcm":
-        return LCMScheduler.from_config(config)
+    classes = {"dpm++": DPMSolverMultistepScheduler, "lcm": LCMScheduler}
+    if kind in classes:
+        cls = classes[kind]
+        # Keys the class does not take (PNDM's skip_prk_steps for LCM) would only print a warning per call.
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls.from_config({k: v for k, v in dict(config).items() if k in accepted or k.startswith("_")})
     from render.errors import RetargetError
 
     raise RetargetError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {kind!r}")

@@ -7,6 +7,7 @@ latent, reference bank); `__call__` renders B frames of one actor in one batched
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,14 +124,17 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
             self._load_lora(ref_lora, REF_ADAPTER, ref_path)
 
     def _load_lora(self, state: dict, name: str, path) -> None:
-        from retarget.weights import WeightsError
-
         from diffusers.utils import logging as dlogging
+
+        from retarget.weights import WeightsError
 
         previous = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # silence "no LoRA keys for CLIPTextModel": the release has none
         try:
-            self.load_lora_weights(dict(state), adapter_name=name)
+            with warnings.catch_warnings():
+                # peft warns when a second adapter joins the first; two named adapters is the design here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.load_lora_weights(dict(state), adapter_name=name)
         except Exception as e:
             msg = " ".join(str(e).split())[:200]
             raise WeightsError(f"{path} does not fit the Arc2Face UNet: {e.__class__.__name__}: {msg}") from None

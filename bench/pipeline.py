@@ -1,0 +1,244 @@
+"""Speed of the retargeting pipeline on full-size random weights in the real architectures.
+
+SD 1.5 UNet (860 M parameters, cross-attention 768), SD VAE, CLIP-L text encoder, a 4-token Expression
+Adapter, a reference LoRA and an LCM-LoRA, all random and built from configs (no download). Random weights
+cost what trained ones cost: the arithmetic does not depend on the values.
+
+    python bench/pipeline.py                 # GPU, fp16: table + bench/results/pipeline_<gpu>_<date>.json
+    python bench/pipeline.py --tiny          # CPU smoke run on the tiny configs (seconds)
+
+Measures per batch size B (frames per call): seconds per call, frames/s, ms per frame and peak memory for
+DPM++ 25 steps with CFG and the reference bank (the release's settings) and for LCM 4 steps; plus the
+once-per-video costs (identity embedding, reference VAE encode, writer pass) and variants in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+REF_LORA_RANK = 32  # the release's rank is not documented; LoRA cost is small either way
+LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5
+
+
+def build(device: torch.device, dtype: torch.dtype, tiny: bool):
+    """RetargetPipeline with random weights: SD 1.5 sizes, or the tiny test sizes with --tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from retarget import tiny as tinymod
+    from retarget.components import make_scheduler
+    from retarget.pipeline import RetargetPipeline
+
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp(prefix="bench-tok-"))
+    vocab = tinymod.write_tiny_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    text_cfg = dict(CLIP_L, num_hidden_layers=2, intermediate_size=1024) if tiny else dict(CLIP_L)
+    text_cfg.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(tinymod.tiny_unet_config() if tiny else SD15_UNET))
+        vae = AutoencoderKL(**(tinymod.tiny_vae_config() if tiny else SD15_VAE))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    exp = tinymod.exp_adapter_state_dict(unet.cpu() if device.type == "cpu" else unet, "linear")
+    ref = tinymod.ref_lora_state_dict(unet, rank=4 if tiny else REF_LORA_RANK)
+    lcm = tinymod.lcm_lora_state_dict(unet, rank=4 if tiny else LCM_LORA_RANK)
+    pipe = RetargetPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                            scheduler=make_scheduler(tinymod.SD15_SCHEDULER_CONFIG, "dpm++"))
+    pipe.setup_adapters(exp, ref)
+    pipe.load_lcm_lora(lcm, "random LCM-LoRA")
+    return pipe.to(device, dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int) -> float:
+    """Median wall time of fn() in seconds, synchronised, after the caller's warm-up."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def peak_gb(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def unet_flops(pipe, actor, rows: int) -> float | None:
+    """FLOPs of one UNet call on `rows` latent rows with CFG and the reference bank (half the rows read it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from retarget.adapters.reference import reading
+
+    s = pipe.unet.config.sample_size
+    x = torch.randn(rows, 4, s, s, device=pipe.device, dtype=pipe.unet.dtype)
+    prompt = actor.id_embeds.expand(rows, -1, -1)
+    embeds = [torch.zeros(rows, 1, 55, device=pipe.device, dtype=pipe.unet.dtype)]
+    pipe._set_loras({"reference": 0.8})
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), \
+                reading(pipe.reference_state, actor.bank, read_from=rows // 2):
+            pipe.unet(x, 500, encoder_hidden_states=prompt, added_cond_kwargs={"image_embeds": embeds})
+        return float(counter.get_total_flops())
+    except Exception:  # flop counting is a nicety; never let it stop the timing
+        return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny configs")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,4,8,16,32; tiny: 1,2)")
+    ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    import diffusers
+    import peft
+    import transformers
+
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,4,8,16,32")).split(",")]
+    steps = args.steps or (2 if args.tiny else 25)
+    repeat_small, repeat_big = (1, 1) if args.tiny else (3, 2)
+
+    t = time.perf_counter()
+    pipe = build(device, dtype, args.tiny)
+    sync(device)
+    build_s = time.perf_counter() - t
+    weights_gb = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device {gpu}, {dtype}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+          f"image {pipe.image_size}px, built in {build_s:.1f}s", flush=True)
+
+    # once per video: identity embedding (text encoder part; the ArcFace ONNX runs on onnxruntime and
+    # has no full-size stand-in here), reference VAE encode, writer pass
+    rng = np.random.default_rng(0)
+    arc = rng.standard_normal(512).astype(np.float32)
+    ref_img = rng.integers(0, 256, (pipe.image_size, pipe.image_size, 3), dtype=np.uint8)
+    gen = torch.Generator().manual_seed(0)
+    actor = pipe.make_actor(arc, ref_img, generator=gen)  # warm-up of all three
+    once = {
+        "identity_embed_ms": 1e3 * timed(lambda: (pipe.identity.encode(arc), pipe.identity.encode_empty()), device, 5),
+        "reference_encode_ms": 1e3 * timed(lambda: pipe.encode_reference(ref_img, generator=gen), device, 5),
+        "writer_pass_ms": 1e3 * timed(lambda: pipe.write_bank(actor.ref_latent, actor.id_embeds), device, 5),
+    }
+    bank_mb = sum(v.numel() * v.element_size() for v in actor.bank.states.values()) / 2**20
+    flops_row = unet_flops(pipe, actor, 2)
+    flops_row = flops_row / 2 if flops_row else None
+    print("once per video: " + ", ".join(f"{k} {v:.1f}" for k, v in once.items()) + f", bank {bank_mb:.1f} MB", flush=True)
+
+    modes = {
+        "dpm++25_cfg_ref": dict(scheduler="dpm++", steps=steps, guidance=3.0, ref_strength=0.8),
+        "lcm4_ref": dict(scheduler="lcm", steps=4, guidance=1.0, ref_strength=0.8),
+    }
+    rows = []
+
+    def measure(mode: str, b: int, variant: str = "baseline", **call):
+        expr = rng.standard_normal((b, 55)).astype(np.float32)
+        try:
+            pipe(actor, expr, seed=0, **dict(call, steps=2))  # warm-up: allocations, kernel selection
+            reset_peak(device)
+            sec = timed(lambda: pipe(actor, expr, seed=0, **call), device, repeat_small if b <= 4 else repeat_big)
+            row = dict(mode=mode, variant=variant, batch=b, seconds=sec, frames_per_s=b / sec,
+                       ms_per_frame=1e3 * sec / b, peak_mem_gb=peak_gb(device))
+        except torch.cuda.OutOfMemoryError:
+            row = dict(mode=mode, variant=variant, batch=b, error="out of memory")
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if "error" in row:
+            print(f"{mode:18s} {variant:14s} B={b:3d}  {row['error']}", flush=True)
+        else:
+            mem = f"{row['peak_mem_gb']:.2f} GB" if row["peak_mem_gb"] is not None else "-"
+            print(f"{mode:18s} {variant:14s} B={b:3d}  {sec:8.3f} s  {row['frames_per_s']:7.2f} frames/s  "
+                  f"{row['ms_per_frame']:8.1f} ms/frame  peak {mem}", flush=True)
+
+    for mode, call in modes.items():
+        for b in batches:
+            measure(mode, b, **call)
+
+    # variants at one batch size, same run: the cost of the reference bank, channels_last
+    vb = 8 if 8 in batches else batches[-1]
+    measure("dpm++25_cfg", vb, "no_reference", **dict(modes["dpm++25_cfg_ref"], ref_strength=0.0))
+    if device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+        measure("dpm++25_cfg_ref", vb, "channels_last", **modes["dpm++25_cfg_ref"])
+        pipe.unet.to(memory_format=torch.contiguous_format)
+    lat = torch.randn(vb, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size, device=device, dtype=dtype)
+    pipe.decode(lat[:1])
+    decode_ms = 1e3 * timed(lambda: pipe.decode(lat), device, 2) / vb
+
+    best = max((r for r in rows if r.get("mode") == "dpm++25_cfg_ref" and "error" not in r and r["variant"] == "baseline"),
+               key=lambda r: r["frames_per_s"])
+    achieved = None
+    if flops_row:
+        # UNet FLOPs of the whole loop over the measured time (the VAE decode included in the time)
+        achieved = flops_row * 2 * best["batch"] * steps / best["seconds"] / 1e12
+    result = {
+        "gpu": gpu, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tiny": args.tiny, "image_size": pipe.image_size, "dpm_steps": steps,
+        "sdpa": {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                 "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 "math": torch.backends.cuda.math_sdp_enabled()},
+        "build_s": build_s, "weights_mem_gb": weights_gb, "bank_mb": bank_mb,
+        "unet_gflops_per_row_with_reference": flops_row / 1e9 if flops_row else None,
+        "achieved_unet_tflops_at_best_batch": achieved, "vae_decode_ms_per_frame": decode_ms,
+        **once, "results": rows,
+        "notes": ("random weights in the real architectures; reference LoRA rank "
+                  f"{REF_LORA_RANK}, LCM-LoRA rank {LCM_LORA_RANK}; times include VAE decode and uint8 output; "
+                  "identity_embed_ms is the text-encoder part (ArcFace ONNX not included)"),
+    }
+    print(f"\nbest DPM++ throughput: {best['frames_per_s']:.2f} frames/s at B={best['batch']}"
+          + (f" ({achieved:.0f} TFLOP/s UNet)" if achieved else "") + f"; VAE decode {decode_ms:.1f} ms/frame")
+    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "cpu"
+    path = out_dir / f"pipeline_{'tiny_' if args.tiny else ''}{tag}_{dt.date.today().isoformat()}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
