@@ -88,13 +88,13 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
     def from_weights(cls, layout, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                      lcm: bool = False, face_backend=None) -> "RetargetPipeline":
         """Load the release (SPEC.md §1) from `layout` (a WeightsLayout) onto `device` in `dtype`
-        (fp16/bf16 on GPU, fp32 on CPU). Missing or broken files raise WeightsError naming the file.
+        (fp16/bf16 on GPU, fp32 or bf16 on CPU). Missing or broken files raise WeightsError naming the file.
         The LCM-LoRA loads now with lcm=True, else on first use of scheduler="lcm"; faces are found with
         `face_backend` (default:
         tracking's "auto" backend, created on first use)."""
         device = torch.device(device)
-        if device.type == "cpu" and dtype != torch.float32:
-            raise RetargetError(f"dtype {dtype} on the CPU is not supported; use float32 there")
+        if device.type == "cpu" and dtype == torch.float16:
+            raise RetargetError("float16 on the CPU is not supported; use float32 (or bfloat16) there")
         unet = components.load_unet(layout, dtype)
         vae = components.load_vae(layout, dtype)
         text_encoder = components.load_text_encoder(layout, dtype)
