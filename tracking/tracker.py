@@ -8,12 +8,13 @@ Frames where the subject's face is not found are marked invalid, stored as NaN i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -46,8 +47,9 @@ class TrackOptions:
         "help": "face crops per encoder call (0: 64 on GPU, 8 on CPU)"})
     device: str = field(default="auto", metadata={
         "help": "where the SMIRK encoder runs: auto (cuda if available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
-    detect_workers: int = field(default=0, metadata={
-        "help": "processes running face detection in parallel (0: none, -1: one per spare CPU core)"})
+    detect_workers: int = field(default=-1, metadata={
+        "help": "processes running face detection in parallel (0: none; -1: auto, one per spare core on "
+                "machines with more than 4 cores and clips of 100+ frames)"})
     start: float = field(default=0.0, metadata={"help": "first second of the video to track"})
     end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)"})
     max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames"})
@@ -103,24 +105,34 @@ def source_sha256(path: str | os.PathLike) -> str:
 _worker_backend = None
 
 
-def _init_worker(kind: str, landmarker_path: str | None) -> None:
+def _init_worker(factory: Callable[[], object]) -> None:
     global _worker_backend
-    from tracking.faces import make_face_backend
+    import cv2
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _worker_backend = make_face_backend(kind, landmarker_path=landmarker_path)
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+    _worker_backend = factory()
 
 
 def _detect_in_worker(rgb: np.ndarray) -> list:
     return _worker_backend.detect(rgb)
 
 
+def default_backend_factory(landmarker_path: str | os.PathLike | None = None) -> Callable[[], object]:
+    """A picklable callable building the tracking backend: MediaPipe when `landmarker_path`
+    exists, else dlib (make_face_backend("auto"))."""
+    from tracking.faces import make_face_backend
+
+    lm = str(landmarker_path) if landmarker_path is not None else None
+    return functools.partial(make_face_backend, "auto", landmarker_path=lm)
+
+
 def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
-                  landmarker_path: str | None = None) -> Iterator[tuple[VideoFrame, list]]:
-    """Yield (frame, faces) in frame order. workers > 0: detection runs in that many processes
-    (each builds its own backend of the same kind) with at most 3 frames per worker in
-    flight, so memory stays bounded; the faces are the same as sequential detection's.
-    Sequential MediaPipe runs in its video mode (landmarks tracked between frames)."""
+                  factory: Callable[[], object] | None = None) -> Iterator[tuple[VideoFrame, list]]:
+    """Yield (frame, faces) in frame order. workers > 0: detection runs in that many processes,
+    each building its own backend with the picklable `factory`, with at most 3 frames per
+    worker in flight, so memory stays bounded; the faces are the same as sequential
+    detection's. Sequential MediaPipe runs in its video mode (landmarks tracked between
+    frames); in workers each frame is detected on its own."""
     if workers <= 0:
         last_ms = -1
         for frame in frames:
@@ -133,8 +145,9 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
 
     # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(backend.name, landmarker_path)) as pool:
+    if factory is None:
+        raise ValueError("parallel detection needs a backend factory")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(factory,)) as pool:
         window: deque = deque()
         for frame in frames:
             window.append((frame, pool.submit(_detect_in_worker, frame.rgb)))
@@ -146,10 +159,21 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
             yield f, fut.result()
 
 
-def _auto_workers(requested: int) -> int:
+# Worker processes take a second or two to start and cost a frame copy each; below these,
+# one process is as fast (measured: bench/results/tracking_cpu_*.json, 2 cores).
+AUTO_WORKERS_MIN_CORES = 5
+AUTO_WORKERS_MIN_FRAMES = 100
+
+
+def _auto_workers(requested: int, n_frames: int | None = None) -> int:
+    """Detection processes to use: `requested` if >= 0, else one per spare core when the
+    machine has at least AUTO_WORKERS_MIN_CORES cores and the clip is long enough."""
     if requested >= 0:
         return requested
-    return max(0, (os.cpu_count() or 1) - 1)
+    cores = os.cpu_count() or 1
+    if cores < AUTO_WORKERS_MIN_CORES or (n_frames is not None and 0 < n_frames < AUTO_WORKERS_MIN_FRAMES):
+        return 0
+    return min(cores - 1, 32)
 
 
 def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
@@ -165,18 +189,20 @@ def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
 
 def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                 landmarker_path: str | os.PathLike | None = None, options: TrackOptions | None = None,
-                progress: bool = True) -> Track:
+                progress: bool = True, backend_factory: Callable[[], object] | None = None) -> Track:
     """Track the subject's face through a video file, a folder of images or one image.
 
     smirk_path: the SMIRK checkpoint (release or tiny). landmarker_path: MediaPipe's
-    face_landmarker.task; when absent the dlib backend finds the landmarks. Returns a Track
+    face_landmarker.task; when absent the dlib backend finds the landmarks. backend_factory:
+    a picklable callable returning a face backend, to use another one (it overrides
+    landmarker_path). Returns a Track
     (T frames, 55 parameters each; `raw` NaN where no face was found, `params` filled and
     smoothed; `times` the source's timestamps in seconds). Raises RetargetError for
     unreadable input, bad weights, or when no frame shows a face.
     """
     import torch
 
-    from tracking.faces import follow_subject, make_face_backend
+    from tracking.faces import follow_subject
     from tracking.smirk import load_smirk_encoder, weights_identity
 
     options = options or TrackOptions()
@@ -186,9 +212,8 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     device = resolve_device(options.device)
     batch_size = options.batch_size or (64 if device == "cuda" else 8)
     encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
-    lm_path = str(landmarker_path) if landmarker_path is not None else None
-    backend = make_face_backend("auto", landmarker_path=lm_path)
-    workers = _auto_workers(options.detect_workers)
+    factory = backend_factory or default_backend_factory(landmarker_path)
+    backend = factory()
 
     times: list[float] = []
     raw_rows: list[np.ndarray] = []
@@ -209,12 +234,13 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     total = reader.frame_count or None
     if options.max_frames is not None and total:
         total = min(total, options.max_frames)
+    workers = _auto_workers(options.detect_workers, total)
     bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress, dynamic_ncols=True)
     previous, last_seen = None, None
     nan_row = np.full(N_PARAMS, np.nan, np.float32)
     try:
         frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
-        for frame, faces in detect_stream(frames, backend, workers=workers, landmarker_path=lm_path):
+        for frame, faces in detect_stream(frames, backend, workers=workers, factory=factory):
             if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
                 previous = None
             face = follow_subject(faces, previous)

@@ -1,0 +1,350 @@
+"""Speed of `retarget track` per stage, and the quality of the temporal smoothing.
+
+    python bench/tracking.py --device cpu                 # this machine's CPU
+    python bench/tracking.py --device cuda --frames 1500  # a GPU machine
+    python bench/tracking.py --tiny                       # seconds-long smoke run
+
+Input: a synthetic clip made on the fly from skimage's astronaut (a real face) drifting,
+turning and zooming, `--size` pixels square, H.264. Stages, each in frames/s:
+- decode: PyAV decode + conversion to RGB (render.video.open_video);
+- detect: the face backend in use (faces + landmarks), one process; and decode+detect with
+  detection spread over worker processes (the tracker's `detect_workers`);
+- crop: the SMIRK similarity crop (224x224);
+- encode: the SMIRK expression encoder, full architecture with random weights (the
+  arithmetic does not depend on the values), batch 64 on GPU (fp32 and fp16) or 8 on CPU,
+  host-to-device copy included;
+- whole: `track_video` end to end (decode, detect, follow, crop, encode, fill, smooth),
+  model loading and worker start-up included.
+Smoothing: jitter reduction (still stretches) and lag (cross-correlation) of the default
+zero-phase and One Euro filters on synthetic hold-and-move curves with Gaussian noise.
+
+Writes bench/results/tracking_<device>_<date>.json (or --out-dir) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tracking import smoothing as sm  # noqa: E402
+from tracking.faces import DlibBackend, Face, kps5_from_lmk68, to_rgb_uint8  # noqa: E402,F401
+
+
+# -- input ------------------------------------------------------------------------------------
+
+def make_clip(path: Path, n: int, size: int, fps: int = 25) -> Path:
+    """n frames, size x size, of the astronaut's face moving (face ~35% of the frame)."""
+    import av
+    import cv2
+    from skimage import data
+
+    img = data.astronaut()
+    centre = np.array([223.0, 127.0])  # the face centre in astronaut.png
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=fps)
+    s.width = s.height = size
+    s.pix_fmt = "yuv420p"
+    s.options = {"crf": "18", "preset": "veryfast"}
+    for i in range(n):
+        angle = 8.0 * np.sin(i / 17)
+        scale = (size / 512) * 1.6 * (1 + 0.08 * np.sin(i / 23))
+        A = cv2.getRotationMatrix2D(tuple(centre), angle, scale)
+        A[:, 2] += np.array([size / 2 + 0.05 * size * np.sin(i / 11), size / 2 + 0.03 * size * np.cos(i / 13)]) - centre
+        rgb = cv2.warpAffine(img, A, (size, size), borderMode=cv2.BORDER_REFLECT)
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        f.pts, f.time_base = i, Fraction(1, fps)
+        for p in s.encode(f):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    return path
+
+
+# -- a stand-in landmark model where the 68-point one cannot be brought ----------------------
+
+class FivePointDlib(DlibBackend):
+    """dlib HOG detection (exactly DlibBackend's) + dlib's 5-point landmark model.
+
+    Only a timing stand-in for machines where the 100 MB 68-point model cannot be carried:
+    same detector, a cheaper landmark step; its crops come from 5 points, not the real ones.
+    """
+
+    name = "dlib-hog+5pt (timing stand-in)"
+
+    def __init__(self, predictor_path: str):
+        super().__init__()
+        import dlib
+
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(predictor_path)
+
+    def detect(self, image_rgb, timestamp_ms=None):
+        image = to_rgb_uint8(image_rgb)
+        faces = []
+        for box, score in self._boxes(self._detector, image):
+            rect = self._dlib.rectangle(int(round(box[0])), int(round(box[1])),
+                                        int(round(box[2])) - 1, int(round(box[3])) - 1)
+            pts = np.array([(p.x, p.y) for p in self._predictor(image, rect).parts()], np.float32)
+            # dlib's 5 points: eye corners (2 + 2) and the nose base; enough for a crop box.
+            kps5 = np.stack([pts[2:4].mean(0), pts[0:2].mean(0), pts[4], pts[4], pts[4]]).astype(np.float32)
+            faces.append(Face(bbox=box, score=score, kps5=kps5, lmk68=None, landmarks=pts))
+        return sorted(faces, key=lambda f: f.area, reverse=True)
+
+
+def choose_backend(five_point: str | None):
+    """(factory, description): the real tracking backend when its model is here, else the
+    5-point stand-in (when given), else None."""
+    from tracking.faces import dlib_predictor_path
+    from tracking.tracker import default_backend_factory
+
+    try:
+        dlib_predictor_path()
+        return default_backend_factory(None), "dlib (HOG + 68 landmarks), the offline tracking backend"
+    except Exception as e:  # RetargetError: model package missing
+        reason = str(e)
+    if five_point and Path(five_point).is_file():
+        return (functools.partial(FivePointDlib, five_point),
+                f"dlib HOG + 5-point landmarks, a timing stand-in ({reason})")
+    return None, reason
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def bench_decode(clip: Path) -> dict:
+    from render.video import open_video
+
+    n, secs = timed(lambda: sum(1 for _ in open_video(clip)))
+    return {"frames": n, "seconds": secs, "fps": n / secs}
+
+
+def bench_detect(frames: list, factory) -> tuple[dict, list]:
+    backend = factory()
+    backend.detect(frames[0].rgb)  # model load and first-call costs out of the timing
+    faces, secs = timed(lambda: [backend.detect(f.rgb) for f in frames])
+    found = sum(1 for f in faces if f)
+    return {"frames": len(frames), "seconds": secs, "fps": len(frames) / secs, "with_face": found}, faces
+
+
+def bench_detect_parallel(clip: Path, factory, workers: int, n: int) -> dict:
+    from render.video import open_video
+    from tracking.tracker import detect_stream
+
+    backend = None  # detection happens in the workers only
+
+    def run(k):
+        return sum(1 for _ in detect_stream(open_video(clip).frames(max_frames=k), backend, workers=workers,
+                                            factory=factory))
+
+    _, startup = timed(run, 1)  # pool start + model load per worker
+    count, secs = timed(run, n)
+    return {"workers": workers, "frames": count, "seconds": secs, "startup_s": startup,
+            "fps": count / secs, "fps_after_startup": count / max(secs - startup, 1e-9)}
+
+
+def bench_crop(frames: list, faces: list) -> dict:
+    from tracking.tracker import encoder_crop
+
+    pairs = [(f.rgb, fl[0]) for f, fl in zip(frames, faces) if fl]
+    _, secs = timed(lambda: [encoder_crop(rgb, face) for rgb, face in pairs])
+    return {"crops": len(pairs), "seconds": secs, "fps": len(pairs) / max(secs, 1e-9)}
+
+
+def bench_encode(device: str, batch: int, n_batches: int, half: bool) -> dict:
+    import torch
+
+    from tracking.smirk import ExpressionEncoder
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if half else torch.float32
+    model = ExpressionEncoder().to(device=device, dtype=dtype).eval()
+    crops = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    for _ in range(3):
+        model.encode(crops)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        model.encode(crops)  # returns numpy: synchronises with the GPU
+    secs = time.perf_counter() - t
+    return {"batch": batch, "dtype": str(dtype).replace("torch.", ""), "images": batch * n_batches,
+            "seconds": secs, "fps": batch * n_batches / secs}
+
+
+def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int) -> dict:
+    from tracking.tracker import TrackOptions, track_video
+
+    opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames)
+    track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False, backend_factory=factory)
+    return {"workers": workers, "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs,
+            "fps": len(track) / secs}
+
+
+def bench_landmark_models() -> dict:
+    """ms per face of dlib's 68-point and 5-point landmark models (where both are here)."""
+    import dlib
+    from skimage import data
+
+    from tracking.faces import DlibBackend, dlib_predictor_path
+
+    img = np.ascontiguousarray(data.astronaut())
+    face = DlibBackend().detect(img)[0]
+    rect = dlib.rectangle(*[int(round(v)) for v in face.bbox[:2]], *[int(round(v)) - 1 for v in face.bbox[2:]])
+    out = {}
+    p68 = dlib_predictor_path()
+    for name, path in (("68", p68), ("5", p68.parent / "shape_predictor_5_face_landmarks.dat")):
+        if path.is_file():
+            pred = dlib.shape_predictor(str(path))
+            pred(img, rect)
+            _, secs = timed(lambda: [pred(img, rect) for _ in range(200)])
+            out[f"landmarks_{name}pt_ms"] = secs / 200 * 1000
+    return out
+
+
+# -- smoothing quality ---------------------------------------------------------------------------
+
+def smoothing_table(seconds: int = 30) -> list[dict]:
+    rows = []
+    for fps in (25, 30):
+        for noise in (0.02, 0.05, 0.1):
+            t, clean, still = sm.synthetic_motion(fps * seconds, fps, dims=8, seed=0)
+            noisy = clean + noise * np.random.default_rng(100).standard_normal(clean.shape)
+            margin = int(0.3 * fps)
+            j0 = sm.still_jitter(noisy, still, margin)
+            for method in ("zero_phase", "one_euro"):
+                out = sm.smooth(noisy, t, method)
+                red = j0 / sm.still_jitter(out, still, margin)
+                lag = sm.lag_frames(out, clean)
+                ok = red >= 5 and (abs(lag) < 0.5 if method == "zero_phase" else lag <= 1.0)
+                rows.append({"fps": fps, "noise_sd": noise, "method": method, "jitter_reduction": red,
+                             "lag_frames": lag, "rmse_vs_clean": float(np.sqrt(np.mean((out - clean) ** 2))),
+                             "rmse_input": float(np.sqrt(np.mean((noisy - clean) ** 2))), "meets_goal": bool(ok)})
+    return rows
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def environment(device: str) -> dict:
+    import av
+    import timm
+    import torch
+
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
+           "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+           "av": av.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine()}
+    try:
+        import dlib
+        env["dlib"] = dlib.__version__
+    except ImportError:
+        pass
+    if hasattr(os, "getloadavg"):
+        env["load_avg_at_start"] = os.getloadavg()[0]
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--frames", type=int, default=None, help="clip length (default 300 cpu, 1500 cuda)")
+    ap.add_argument("--size", type=int, default=512, help="frame side in pixels")
+    ap.add_argument("--workers", type=int, default=-1, help="detection processes (-1: one per spare core, at least 1)")
+    ap.add_argument("--five-point", default=None, help="dlib 5-point model, a stand-in where the 68-point one is missing")
+    ap.add_argument("--tiny", action="store_true", help="smoke run: 24 frames of 256 px, few batches")
+    ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+
+    import torch
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU visible")
+    n = args.frames or (24 if args.tiny else (1500 if device == "cuda" else 300))
+    size = 256 if args.tiny else args.size
+    # Measure the parallel path even where `track` would not pick it (2 cores), to show why.
+    workers = args.workers if args.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    env = environment(device)
+    result = {"environment": env, "config": {"frames": n, "size": size, "workers": workers, "tiny": args.tiny}}
+
+    factory, backend_desc = choose_backend(args.five_point)
+    result["backend"] = backend_desc
+    print(f"face backend: {backend_desc}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
+    clip, secs = timed(make_clip, tmp / "clip.mp4", n, size)
+    print(f"clip: {n} frames {size}x{size} made in {secs:.1f}s")
+
+    from render.video import open_video
+    from tracking.smirk import CHECKPOINT_PREFIX, ExpressionEncoder
+
+    stages = {"decode": bench_decode(clip)}
+    encode_batch = 64 if device == "cuda" else 8
+    n_batches = 2 if args.tiny else (20 if device == "cuda" else 8)
+    stages["encode_fp32"] = bench_encode(device, encode_batch, n_batches, half=False)
+    if device == "cuda":
+        stages["encode_fp16"] = bench_encode(device, encode_batch, n_batches, half=True)
+    if factory is not None:
+        k = min(n, 24 if args.tiny else 100)
+        frames = list(open_video(clip).frames(max_frames=k))
+        stages["detect"], faces = bench_detect(frames, factory)
+        stages["crop"] = bench_crop(frames, faces)
+        del frames
+        if workers > 0:
+            stages["decode_detect_parallel"] = bench_detect_parallel(clip, factory, workers, n)
+        torch.manual_seed(0)
+        ckpt = tmp / "SMIRK_random.pt"
+        torch.save({CHECKPOINT_PREFIX + k2: v for k2, v in ExpressionEncoder().state_dict().items()}, ckpt)
+        seq_frames = min(n, 24 if args.tiny else (200 if device == "cuda" else n))
+        stages["whole_sequential"] = bench_whole(clip, ckpt, factory, device, 0, seq_frames)
+        if workers > 0:
+            stages["whole_parallel"] = bench_whole(clip, ckpt, factory, device, workers, n)
+    try:
+        result["landmark_models"] = bench_landmark_models()
+    except Exception as e:  # the 68-point model is not on every machine
+        result["landmark_models"] = {"error": str(e)}
+    result["stages"] = stages
+    result["smoothing"] = smoothing_table(10 if args.tiny else 30)
+
+    print(f"\n{'stage':<24}{'frames/s':>10}  detail")
+    for name, r in stages.items():
+        detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "fps")
+        print(f"{name:<24}{r['fps']:>10.1f}  {detail}")
+    if "error" not in result["landmark_models"]:
+        print("landmark models (ms/face): " + ", ".join(f"{k}={v:.2f}" for k, v in result["landmark_models"].items()))
+    print(f"\n{'fps':>4} {'noise':>6} {'method':<11}{'jitter /':>9}{'lag (fr)':>10}{'rmse':>8}{'input':>8}  goal")
+    for r in result["smoothing"]:
+        print(f"{r['fps']:>4} {r['noise_sd']:>6.2f} {r['method']:<11}{r['jitter_reduction']:>8.1f}x"
+              f"{r['lag_frames']:>10.2f}{r['rmse_vs_clean']:>8.3f}{r['rmse_input']:>8.3f}  "
+              f"{'met' if r['meets_goal'] else 'MISSED'}")
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "tiny" if args.tiny else device
+    out = out_dir / f"tracking_{tag}_{dt.date.today().isoformat()}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
