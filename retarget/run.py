@@ -182,15 +182,19 @@ def resolve_device(device: str, dtype: str):
 
 
 def auto_batch(device: str, image_size: int) -> int:
-    """Frames per batch from free GPU memory (about 1.2 GB per 512x512 frame with CFG and the
-    reference bank in fp16, measured by bench/pipeline.py); 2 on the CPU."""
+    """Frames per batch from free GPU memory; 2 on the CPU.
+
+    bench/pipeline.py (H100, fp16, SD 1.5 size, CFG + reference bank) peaked at 6.2 GB for 32
+    frames at 512x512 including the models, and throughput stops growing past 16-32 frames; we
+    budget 0.25 GB a frame above 4 GB for the models, capped at 32.
+    """
     if device != "cuda":
         return 2
     import torch
 
     free, _ = torch.cuda.mem_get_info()
-    per_frame = 1.2e9 * (image_size / 512) ** 2
-    return int(max(1, min(32, (free - 2e9) // per_frame)))
+    per_frame = 0.25e9 * (image_size / 512) ** 2
+    return int(max(1, min(32, (free - 4e9) // per_frame)))
 
 
 def is_oom(e: BaseException) -> bool:
