@@ -69,6 +69,7 @@ class RunSummary:
     preview: Path | None = None
     frames_dir: Path | None = None
     face_report: str = ""
+    params: np.ndarray | None = None  # (frames, 55) vectors that were rendered
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
@@ -209,6 +210,46 @@ def _progress(total: int, desc: str, unit: str = "frame", initial: int = 0):
 
 # --------------------------------------------------------------------------- the run
 
+RENDER_WEIGHTS = ("arc2face_unet", "encoder", "arcface_onnx", "exp_adapter", "ref_adapter_lora",
+                  "vae", "scheduler", "tokenizer")
+
+
+@dataclass
+class Rendering:
+    """A loaded pipeline and a prepared actor: what every command that renders needs."""
+
+    pipe: object
+    actor: object
+    actor_rgb: np.ndarray
+    device: str
+    dtype: object
+    call: dict  # keyword arguments for pipe(actor, params, ...)
+
+
+def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb: np.ndarray | None = None) -> Rendering:
+    """Load the pipeline and compute the actor's identity, reference latent and bank (once)."""
+    import torch
+
+    from retarget.pipeline import RetargetPipeline
+
+    actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
+    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
+        layout.require(name)
+    device, dtype = resolve_device(opts.device, opts.dtype)
+    log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
+    pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
+    actor = pipe.prepare_actor(actor_rgb, generator=torch.Generator("cpu").manual_seed(opts.seed),
+                               ref_latent=opts.ref_latent)
+    if actor.face_report:
+        log(actor.face_report)
+    steps, guidance = opts.steps, opts.guidance
+    if opts.fast and (steps, guidance) == (25, 3.0):  # untouched defaults: LCM's own
+        steps, guidance = 4, 1.0
+    call = dict(steps=steps, guidance=guidance, exp_scale=opts.exp_scale, ref_strength=opts.ref_strength,
+                scheduler="lcm" if opts.fast else "dpm++", seed=opts.seed, per_frame_noise=opts.per_frame_noise)
+    return Rendering(pipe, actor, actor_rgb, device, dtype, call)
+
+
 def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.PathLike,
         options: RunOptions | None = None, *, weights=None, log=print) -> RunSummary:
     """Render `out` (.mp4/.mov/.mkv): the actor of `actor_path` performing the face of `drive`.
@@ -218,7 +259,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     folder (default: resolved as in the CLI). Raises RetargetError on bad input; never leaves a
     broken `out` (it is written under a temporary name and renamed at the end).
     """
-    from render.video import VideoWriter, open_video
+    from render.video import open_video
     from retarget.motion import (
         nearest_frames, output_times, parse_gain, pick_neutral_frame, retarget_params, sample_params,
     )
@@ -230,47 +271,27 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
 
     # 1. inputs first: a bad path must fail before minutes of model loading.
-    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
-        raise RetargetError(f"output {out}: use a .mp4, .mov or .mkv name")
+    check_output_name(out)
     if not drive.exists():
         raise RetargetError(f"driving video {drive} does not exist")
     reader = open_video(drive)
     actor_rgb = read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     gain = parse_gain(opts.gain)
-    if opts.fast:
-        layout.require("lcm_lora")
-    for name in ("arc2face_unet", "encoder", "arcface_onnx", "exp_adapter", "ref_adapter_lora",
-                 "vae", "scheduler", "tokenizer", "smirk_ckpt"):
+    needs_smirk = not opts.track or opts.relative
+    for name in RENDER_WEIGHTS + (("smirk_ckpt",) if needs_smirk else ()) + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
-
-    device, dtype = resolve_device(opts.device, opts.dtype)
-    steps, guidance = (4, 1.0) if opts.fast and opts.steps == 25 and opts.guidance == 3.0 else (opts.steps, opts.guidance)
+    device, _ = resolve_device(opts.device, opts.dtype)
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
 
-    # 2. the driving performance.
+    # 2. the driving performance, and (relative mode) the actor's own resting expression.
     track = _driving_track(drive, layout, opts, work, device, log)
     at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
     driver = sample_params(track.times, track.params, at)
     out_fps = opts.fps or track.fps
-
-    # 3. identity, reference and (relative mode) the actor's own expression: once per run.
-    import torch
-
-    from retarget.pipeline import RetargetPipeline
-
-    log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
-    pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
-    gen = torch.Generator("cpu").manual_seed(opts.seed)
-    actor = pipe.prepare_actor(actor_rgb, generator=gen, ref_latent=opts.ref_latent)
-    if actor.face_report:
-        log(actor.face_report)
     actor_neutral = driver_neutral = None
     if opts.relative:
-        from tracking.tracker import track_image
-
-        actor_neutral = track_image(actor_rgb, smirk_path=layout.smirk_ckpt,
-                                    landmarker_path=layout.optional("face_landmarker"), device=device)
+        actor_neutral = track_still(actor_path, layout, device)
         n = opts.neutral_frame if opts.neutral_frame is not None else pick_neutral_frame(track.params, track.valid)
         if not 0 <= n < len(track.params):
             raise RetargetError(f"--neutral-frame {n} is outside the driving video's {len(track.params)} frames")
@@ -279,63 +300,99 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     params = retarget_params(driver, gain, relative=opts.relative,
                              driver_neutral=driver_neutral, actor_neutral=actor_neutral)
 
-    # 4. render in batches aligned to multiples of the batch size, so a resumed run renders the
-    # same batches (bit-identical frames) as an uninterrupted one.
-    batch = opts.batch or auto_batch(device, pipe.image_size)
+    # 3. identity and reference once, then the frames, then the video.
+    r = prepare_rendering(layout, actor_path, opts, log, actor_rgb=actor_rgb)
+    source = {"drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve())}
+    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
+    preview = None
+    if opts.preview != "none":
+        preview = (out.with_name(out.stem + ".preview" + out.suffix),
+                   _driving_frames(reader, nearest_frames(track.times, at)), _load_flame(layout))
+    write_video(r, params, work, out, out_fps, opts,
+                audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None,
+                preview=preview)
+    if not opts.keep_work:
+        shutil.rmtree(work.root, ignore_errors=True)
+    return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
+                      invalid_frames=int((~track.valid).sum()), output=out,
+                      preview=preview[0] if preview else None,
+                      frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
+                      face_report=r.actor.face_report, params=params)
+
+
+def check_output_name(out: Path) -> None:
+    if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
+        raise RetargetError(f"output {out}: use a .mp4, .mov or .mkv name")
+
+
+def track_still(image_path: Path, layout, device: str) -> np.ndarray:
+    """The 55-d expression of the face in one photo (unsmoothed), e.g. the actor's resting face."""
+    from tracking.tracker import TrackOptions, track_video
+
+    track = track_video(image_path, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
+                        options=TrackOptions(smoothing="none", device=device), progress=False)
+    return track.params[0]
+
+
+def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: RunOptions, layout, actor_path: Path,
+                   source: dict, log) -> int:
+    """Render every frame of `params` (T, 55) into the work folder, resuming when asked.
+
+    Batches are aligned to multiples of the batch size, so a resumed run renders the same
+    batches (bit-identical frames) as an uninterrupted one. Returns frames rendered now.
+    """
+    batch = opts.batch or auto_batch(r.device, r.pipe.image_size)
     manifest = {
-        "drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve()),
-        "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
-        "params": hashlib.sha256(params.tobytes()).hexdigest()[:16], "batch": batch,
-        "device": device, "dtype": str(dtype), "steps": steps, "guidance": guidance,
-        **{k: v for k, v in asdict(opts).items() if k in (
-            "exp_scale", "ref_strength", "seed", "fast", "per_frame_noise", "ref_latent")},
+        **source, "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
+        "params": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16], "batch": batch,
+        "device": r.device, "dtype": str(r.dtype), "ref_latent": opts.ref_latent,
+        **{k: v for k, v in r.call.items()},
     }
     work.start(manifest, opts.resume)
-    rendered = _render_all(pipe, actor, params, work, batch, dict(
-        steps=steps, guidance=guidance, exp_scale=opts.exp_scale, ref_strength=opts.ref_strength,
-        scheduler="lcm" if opts.fast else "dpm++", seed=opts.seed, per_frame_noise=opts.per_frame_noise), log)
+    return _render_all(r.pipe, r.actor, params, work, batch, r.call, log)
 
-    # 5. compose: paste back, previews, audio; the output appears only when complete.
-    preview_path = out.with_name(out.stem + ".preview" + out.suffix) if opts.preview != "none" else None
+
+def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, fps: float, opts: RunOptions, *,
+                audio: tuple[Path, float, float] | None = None, preview=None) -> None:
+    """Compose the rendered frames into `out` (pasted back unless --crop-only), with the audio
+    range of `audio` = (file, start_s, end_s) and, if `preview` = (path, driving frames
+    iterator, FLAME model or None), a side-by-side preview. Outputs appear only when complete."""
+    from contextlib import ExitStack
+
+    from render.storyboard import save_image
+    from render.video import VideoWriter
+
     frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
     if frames_dir:
         check_writable(frames_dir, "--frames-dir")
-    audio_end = at[-1] + 1.0 / out_fps
-    driving_index = nearest_frames(track.times, at)
-    flame = _load_flame(layout) if preview_path else None
-    from contextlib import ExitStack
-
     with ExitStack() as stack:
-        writer = stack.enter_context(VideoWriter(out, out_fps, audio_from=drive if reader.has_audio else None,
-                                                 audio_start=float(at[0]), audio_end=float(audio_end)))
-        pwriter = stack.enter_context(VideoWriter(preview_path, out_fps)) if preview_path else None
-        frames_iter = _driving_frames(reader, track.times, driving_index) if pwriter else None
-        bar = _progress(len(at), "writing")
-        for i in range(len(at)):
+        writer = stack.enter_context(VideoWriter(
+            out, fps, audio_from=audio[0] if audio else None,
+            audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None))
+        pwriter = stack.enter_context(VideoWriter(preview[0], fps)) if preview else None
+        bar = _progress(len(params), "writing")
+        for i in range(len(params)):
             face = work.load(i)
-            frame = pipe_paste(actor_rgb, face, actor) if opts.paste_back else face
+            frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
             writer.write(frame)
             if frames_dir:
-                from render.storyboard import save_image
-
                 save_image(frames_dir / f"{i:06d}.png", frame)
             if pwriter:
-                from render.mesh import params_to_mesh_image
-                from render.preview import side_by_side
-
-                panels = [next(frames_iter), frame]
-                if flame is not None:
-                    panels.append(params_to_mesh_image(flame, params[i], size=512))
-                labels = ["driving", "output"] + (["FLAME"] if flame is not None else [])
-                pwriter.write(side_by_side(panels, height=min(512, frame.shape[0]) // 2 * 2, labels=labels))
+                pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
             bar.update(1)
         bar.close()
-    if not opts.keep_work:
-        shutil.rmtree(work.root, ignore_errors=True)
-    invalid = int((~track.valid).sum())
-    return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
-                      invalid_frames=invalid, output=out, preview=preview_path, frames_dir=frames_dir,
-                      face_report=actor.face_report)
+
+
+def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, flame) -> np.ndarray:
+    from render.preview import side_by_side
+
+    panels, labels = [driving, frame], ["driving", "output"]
+    if flame is not None:
+        from render.mesh import params_to_mesh_image
+
+        panels.append(params_to_mesh_image(flame, params, size=512))
+        labels.append("FLAME")
+    return side_by_side(panels, height=min(512, frame.shape[0]) // 2 * 2, labels=labels)
 
 
 def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
@@ -406,7 +463,7 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
                 + _render_with_backoff(pipe, actor, params, idx[half:], call))
 
 
-def _driving_frames(reader, times: np.ndarray, wanted: np.ndarray):
+def _driving_frames(reader, wanted: np.ndarray):
     """Yield the driving frame (RGB) for each output frame, streaming through the video once."""
     frames = iter(reader)
     current = next(frames)

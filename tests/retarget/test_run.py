@@ -100,6 +100,28 @@ def test_time_range_and_fps(inputs, track_file, tiny_weights, tmp_path):
     assert info["audio"] is not None and info["audio"]["duration"] == pytest.approx(1.0, abs=0.1)
 
 
+def test_relative_with_equal_neutrals_matches_absolute(inputs, tiny_weights, tmp_path):
+    """The actor photo is driving frame k, and k is the driver's neutral: relative == absolute."""
+    from render.storyboard import save_image
+    from render.video import open_video
+    from tracking.tracker import TrackOptions, track_video
+
+    drive, _ = inputs
+    k = 7
+    frame = next(f for f in open_video(drive) if f.index == k)
+    actor = tmp_path / "frame7.png"
+    save_image(actor, frame.rgb)
+    raw_track = tmp_path / "raw.track.npz"  # unsmoothed, so frame k's vector is the photo's own
+    track_video(drive, smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", options=TrackOptions(smoothing="none"),
+                progress=False).save(raw_track)
+    common = dict(end=0.6, paste_back=False)
+    a = run(drive, actor, tmp_path / "abs.mp4", _opts(raw_track, **common), weights=tiny_weights, log=lambda *_: None)
+    b = run(drive, actor, tmp_path / "rel.mp4", _opts(raw_track, relative=True, neutral_frame=k, **common),
+            weights=tiny_weights, log=lambda *_: None)
+    np.testing.assert_allclose(b.params, a.params, atol=1e-4)
+    assert np.abs(a.params).max() > 0.01  # not trivially zero
+
+
 class _Killed(Exception):
     pass
 
