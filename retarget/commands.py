@@ -20,6 +20,65 @@ def cmd_run(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- track
+
+def cmd_track(args) -> int:
+    from retarget.weights import WeightsLayout
+    from tracking.tracker import TrackOptions, summarize, track_video
+
+    src = Path(args.input)
+    out = Path(args.output) if args.output else src.with_name(src.stem + ".track.npz")
+    if out.suffix != ".npz":
+        raise RetargetError(f"track file {out}: use a .npz name")
+    layout = WeightsLayout(args.weights)
+    opts = dataclass_from_args(TrackOptions, args)
+    track = track_video(src, smirk_path=layout.require("smirk_ckpt"),
+                        landmarker_path=layout.optional("face_landmarker"), options=opts)
+    track.save(out)
+    written = [str(out)]
+    if args.csv is not None:
+        from tracking.export import write_csv
+
+        written.append(str(write_csv(track, args.csv or out.with_suffix(".csv"), which=args.csv_columns)))
+    if args.plot is not None:
+        from tracking.export import plot_track
+
+        written.append(str(plot_track(track, args.plot or out.with_suffix(".png"))))
+    print(summarize(track))
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+# --------------------------------------------------------------------------- storyboard, transition
+
+# RunOptions fields that only make sense for `run` (a driving video, its audio, its track).
+DRIVING_ONLY = ("track", "smooth", "start", "end", "fps", "relative", "neutral_frame", "gain", "preview")
+
+
+def cmd_storyboard(args) -> int:
+    from retarget.run import RunOptions
+    from retarget.sheets import make_storyboard, storyboard_expressions
+
+    cells = storyboard_expressions(track=args.track, times=args.times, frames=args.frames,
+                                   keyframes=args.keyframes, presets=args.presets)
+    opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
+    path = make_storyboard(args.actor, args.output, cells, opts, weights=args.weights, columns=args.columns,
+                           cell=args.cell)
+    print(f"wrote {path} ({len(cells)} expressions)")
+    return 0
+
+
+def cmd_transition(args) -> int:
+    from retarget.run import RunOptions
+    from retarget.sheets import make_transition
+
+    opts = dataclass_from_args(RunOptions, args)
+    summary = make_transition(args.actor, args.keyframes, args.output, opts, fps=args.fps, easing=args.easing,
+                              weights=args.weights)
+    print(summary.line())
+    return 0
+
+
 # --------------------------------------------------------------------------- demo
 
 def cmd_demo(args) -> int:
@@ -78,6 +137,79 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions)
     p.set_defaults(func=cmd_run)
+
+    from tracking.export import CSV_WHICH
+    from tracking.keyframes import EASINGS, PRESETS
+    from tracking.tracker import TrackOptions
+
+    p = sub.add_parser(
+        "track", help="FLAME expression vectors per frame of a video (or one image) -> track file",
+        formatter_class=formatter,
+        description="Detect and follow one face, crop it for SMIRK, encode 55-d FLAME vectors (expression 50, "
+                    "eyelids 2, jaw 3), fill frames without a face, smooth, and save a track file (v1 .npz).",
+        epilog=examples("""
+            retarget track drive.mp4 -o drive.track.npz
+            retarget track drive.mp4 --plot --csv                 # also drive.track.png and .csv
+            retarget track drive.mp4 --smoothing one_euro --beta 0.5
+            retarget track frames_dir/ --image-fps 30
+            retarget track actor.jpg                              # one image
+        """))
+    p.add_argument("input", help="video (mp4/mov/webm/mkv), folder of images, or an image")
+    p.add_argument("-o", "--output", default=None, help="track file (default: INPUT.track.npz)")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                   help="also plot jaw/eyelid/expression curves (default name: OUTPUT.png)")
+    p.add_argument("--csv", nargs="?", const="", default=None, metavar="CSV",
+                   help="also export a CSV (default name: OUTPUT.csv)")
+    p.add_argument("--csv-columns", default="params", choices=CSV_WHICH,
+                   help="CSV values: smoothed params, raw encoder output, or both (default: params)")
+    add_weights_arg(p)
+    add_dataclass_options(p, TrackOptions)
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser(
+        "storyboard", help="one actor, a sheet of chosen expressions",
+        formatter_class=formatter,
+        description="Render the actor with several expressions (presets, keyframes, or frames of a track) "
+                    "and lay them out on one labelled sheet.",
+        epilog=examples(f"""
+            retarget storyboard actor.jpg -o sheet.png --presets neutral,jaw_open,eyes_closed
+            retarget storyboard actor.jpg -o sheet.png --track drive.track.npz --times 0.5,1.2,3.0
+            retarget storyboard actor.jpg -o sheet.png --keyframes keys.json --paste-back
+            presets: {", ".join(PRESETS)}
+        """))
+    p.add_argument("actor", help="photo of the actor")
+    p.add_argument("-o", "--output", required=True, help="sheet image (.png or .jpg)")
+    p.add_argument("--presets", default=None, help="comma-separated preset names")
+    p.add_argument("--keyframes", default=None, metavar="JSON", help="a keyframe file: one cell per keyframe")
+    p.add_argument("--track", default=None, metavar="NPZ", help="a track file to pick frames from")
+    p.add_argument("--times", default=None, help="seconds of the track to show, e.g. 0.5,1.2")
+    p.add_argument("--frames", default=None, help="frame indices of the track to show, e.g. 10,40")
+    p.add_argument("--columns", type=int, default=4, help="cells per row (default: 4)")
+    p.add_argument("--cell", type=int, default=256, help="cell size in pixels (default: 256)")
+    p.add_argument("--paste-back", action="store_true", help="show the whole photo instead of the aligned face")
+    add_weights_arg(p)
+    add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY + ("paste_back", "frames_dir", "resume", "work",
+                                                                 "keep_work"))
+    p.set_defaults(func=cmd_storyboard)
+
+    p = sub.add_parser(
+        "transition", help="video of smooth expression changes between keyframes",
+        formatter_class=formatter,
+        description="Interpolate authored keyframes (JSON: time, preset, expression, eyelids, jaw) at --fps "
+                    "and render the actor through them.",
+        epilog=examples("""
+            retarget transition actor.jpg keys.json -o smile.mp4
+            retarget transition actor.jpg keys.json -o smile.mp4 --fps 30 --easing cubic --fast
+            keys.json: [{"time": 0, "preset": "neutral"}, {"time": 1, "jaw": 0.3}, {"time": 2, "eyelids": 1}]
+        """))
+    p.add_argument("actor", help="photo of the actor")
+    p.add_argument("keyframes", help="keyframe file (JSON) or JSON text")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate (default: 25)")
+    p.add_argument("--easing", default="smoothstep", choices=EASINGS, help="interpolation (default: smoothstep)")
+    add_weights_arg(p)
+    add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY)
+    p.set_defaults(func=cmd_transition)
 
     p = sub.add_parser(
         "demo", help="offline demo: tiny weights, sample clip and actor, full pipeline",

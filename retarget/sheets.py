@@ -1,0 +1,121 @@
+"""Storyboards (one actor, a sheet of chosen expressions) and keyframe transitions (a video
+of smooth expression changes between authored keyframes). Both reuse `retarget.run`'s stages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from render.errors import RetargetError
+from retarget.run import (
+    RunOptions, RunSummary, WorkFolder, check_output_name, check_writable, pipe_paste, prepare_rendering,
+    read_image, render_to_work, write_video,
+)
+
+
+def _parse_list(spec: str | None, kind, what: str) -> list:
+    if not spec:
+        return []
+    try:
+        return [kind(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise RetargetError(f"{what}: expected a comma-separated list of numbers, got {spec!r}") from None
+
+
+def storyboard_expressions(*, track: str | None = None, times: str | None = None, frames: str | None = None,
+                           keyframes: str | None = None, presets: str | None = None) -> list[tuple[str, np.ndarray]]:
+    """The (label, 55-d vector) cells of a storyboard, from any mix of: track frames picked by
+    time (`times`, seconds) or index (`frames`), the keyframes of a keyframe file, and named
+    presets (tracking.keyframes.PRESETS). Order: presets, keyframes, track picks."""
+    from tracking.keyframes import PRESETS, parse_keyframes
+
+    cells: list[tuple[str, np.ndarray]] = []
+    for name in (presets.split(",") if presets else []):
+        name = name.strip()
+        if name not in PRESETS:
+            raise RetargetError(f"--presets: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        cells.append((name.replace("_", " "), PRESETS[name].astype(np.float32)))
+    if keyframes:
+        for kf in parse_keyframes(keyframes):
+            cells.append((f"{kf.time_s:g}s", np.asarray(kf.params, np.float32)))
+    picks_t, picks_f = _parse_list(times, float, "--times"), _parse_list(frames, int, "--frames")
+    if picks_t or picks_f:
+        if not track:
+            raise RetargetError("--times/--frames pick frames of a track: give --track FILE.npz")
+        from tracking.track import Track
+
+        tr = Track.load(track)
+        for t in picks_t:
+            i = int(np.argmin(np.abs(tr.times - t)))
+            cells.append((f"{tr.times[i]:.2f}s", tr.params[i]))
+        for i in picks_f:
+            if not 0 <= i < len(tr):
+                raise RetargetError(f"--frames: {i} is outside the track's {len(tr)} frames")
+            cells.append((f"frame {i}", tr.params[i]))
+    elif track:
+        from tracking.track import Track
+
+        tr = Track.load(track)
+        for i in np.linspace(0, len(tr) - 1, num=min(8, len(tr))).round().astype(int):
+            cells.append((f"{tr.times[i]:.2f}s", tr.params[i]))
+    if not cells:
+        raise RetargetError("nothing to draw: give --presets, --keyframes, or --track (with --times/--frames)")
+    return cells
+
+
+def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
+                    options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
+                    log=print) -> Path:
+    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
+    from render.storyboard import save_image, storyboard
+    from retarget.weights import WeightsLayout
+
+    opts = options or RunOptions()
+    out, actor_path = Path(out), Path(actor_path)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
+    check_writable(out.parent, "output folder")
+    layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+    r = prepare_rendering(layout, actor_path, opts, log)
+    params = np.stack([c[1] for c in cells]).astype(np.float32)
+    batch = opts.batch or 8
+    images = []
+    for s in range(0, len(params), batch):
+        images += list(r.pipe(r.actor, params[s:s + batch], frame_indices=list(range(s, min(len(params), s + batch))),
+                              **r.call))
+    if opts.paste_back:
+        images = [pipe_paste(r.actor_rgb, im, r.actor) for im in images]
+    sheet = storyboard(images, [c[0] for c in cells], columns=columns, cell=cell, title=actor_path.name)
+    return save_image(out, sheet)
+
+
+def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os.PathLike,
+                    options: RunOptions | None = None, *, fps: float = 25.0, easing: str = "smoothstep",
+                    weights=None, log=print) -> RunSummary:
+    """Render a video of the actor moving smoothly through the expressions of a keyframe file."""
+    from retarget.weights import WeightsLayout
+    from tracking.keyframes import interpolate_keyframes, parse_keyframes
+
+    t0 = time.perf_counter()
+    opts = options or RunOptions()
+    out, actor_path = Path(out), Path(actor_path)
+    check_output_name(out)
+    read_image(actor_path, "actor photo")
+    check_writable(out.parent, "output folder")
+    kfs = parse_keyframes(keyframes)
+    times, params = interpolate_keyframes(kfs, fps, easing=easing)
+    layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+    r = prepare_rendering(layout, actor_path, opts, log)
+    source = {"keyframes": str(keyframes), "fps": fps, "easing": easing}
+    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
+    write_video(r, params, work, out, fps, opts)
+    if not opts.keep_work:
+        shutil.rmtree(work.root, ignore_errors=True)
+    return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
+                      output=out, face_report=r.actor.face_report, params=params)
