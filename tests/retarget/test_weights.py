@@ -110,3 +110,41 @@ def test_torch_shapes_flatten_nested_dicts(tiny_weights):
     shapes = torch_state_shapes(tiny_weights / "exp_adapter/exp_adapter.bin")
     assert shapes["image_proj.proj.weight"][1] == 55
     assert any(k.startswith("ip_adapter.1.to_k_ip") for k in shapes)
+
+
+def test_download_fetches_hub_files_into_the_layout(tmp_path, monkeypatch):
+    """`weights download` asks the hub for each hosted file and lands it at its layout path;
+    the gated files come back as instructions. The hub is replaced by a local fake."""
+    import huggingface_hub
+
+    from retarget.weights import BY_NAME, download_weights
+
+    asked = []
+
+    def fake_file(repo, member, local_dir):
+        asked.append((repo, member))
+        dest = Path(local_dir) / member
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"x")
+        return str(dest)
+
+    def fake_snapshot(repo, allow_patterns, local_dir):
+        for pattern in allow_patterns:
+            fake_file(repo, pattern, local_dir)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    layout = WeightsLayout(tmp_path)
+    gated = download_weights(layout, progress=lambda *_: None)
+    for entry in RELEASE:
+        if entry.hf:
+            assert layout.exists(entry.name), entry.path
+    assert ("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors") in asked
+    assert (tmp_path / "lcm_lora/pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "arc2face/diffusion_pytorch_model.bin").exists()  # one format per folder
+    assert {g.split(":")[0] for g in gated} == {e.path for e in RELEASE if e.hf is None}
+    assert any("flame.is.tue.mpg.de" in g for g in gated) and BY_NAME["smirk_ckpt"].path in "".join(gated)
+    n = len(asked)
+    download_weights(layout, progress=lambda *_: None)
+    assert len(asked) == n  # present files are not fetched again
