@@ -238,6 +238,11 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress, dynamic_ncols=True)
     previous, last_seen = None, None
     nan_row = np.full(N_PARAMS, np.nan, np.float32)
+    torch_threads = torch.get_num_threads()
+    if device == "cpu" and workers > 0:
+        # Leave the detection workers their cores: OpenMP threads competing with them for a
+        # core spin and slow the encoder several times over (seen on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     try:
         frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
         for frame, faces in detect_stream(frames, backend, workers=workers, factory=factory):
@@ -259,6 +264,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
     finally:
         bar.close()
+        torch.set_num_threads(torch_threads)
 
     valid_arr = np.array(valid, dtype=bool)
     times_arr = np.array(times, dtype=np.float64)
