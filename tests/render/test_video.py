@@ -252,3 +252,22 @@ def test_writer_rejects_bad_audio_source(tmp_path):
     with pytest.raises(RetargetError, match="audio source"):
         VideoWriter(tmp_path / "o.mp4", 25, audio_from=bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noise.mp4"]
+
+
+@pytest.mark.parametrize("suffix,codec", [(".mov", "libx264"), (".mkv", "libx264"), (".webm", "libvpx-vp9")])
+def test_reads_other_containers(suffix, codec, tmp_path):
+    path = tmp_path / f"clip{suffix}"
+    c = av.open(str(path), "w")
+    s = c.add_stream(codec, rate=25)
+    s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+    for i in range(10):
+        for p in s.encode(av.VideoFrame.from_ndarray(_gray(i * 4, 32, 32), format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    r = open_video(path)
+    frames = list(r)
+    assert r.fps == 25 and r.size == (32, 32) and len(frames) == 10
+    np.testing.assert_allclose([f.time_s for f in frames], np.arange(10) / 25, atol=1e-3)
+    assert abs(int(frames[5].rgb.mean()) - 100) <= 3
