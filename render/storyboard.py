@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from render.errors import RetargetError
+from render.files import atomic_open
 from render.preview import as_rgb, draw_text, resize_to
 
 
@@ -91,21 +90,9 @@ def save_image(path: str | Path, rgb: np.ndarray, *, quality: int = 95) -> Path:
     ok, encoded = cv2.imencode(ext, bgr, params)
     if not ok:
         raise RetargetError(f"{path}: could not encode the image as {ext}")
-    # A fresh name opened exclusively ("xb") so the file gets the usual umask permissions
-    # (mkstemp would make it owner-only).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as fh:
+        with atomic_open(path, "wb") as fh:
             fh.write(encoded.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise RetargetError(f"{path}: could not write the image ({exc.strerror or exc})") from None
-        raise
+    except OSError as exc:
+        raise RetargetError(f"{path}: could not write the image ({exc.strerror or exc})") from None
     return path

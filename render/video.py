@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from render.errors import RetargetError
+from render.files import partial_name
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_IMAGE_FPS = 25.0
@@ -283,7 +283,7 @@ class VideoWriter:
         self.fps = float(fps)
         self.crf = int(crf)
         self._format = fmt
-        self._tmp = self.path.with_name(f".{self.path.stem}.partial-{uuid.uuid4().hex[:8]}{self.path.suffix}")
+        self._tmp = partial_name(self.path)
         self._container = None
         self._vstream = None
         self._size: tuple[int, int] | None = None

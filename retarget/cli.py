@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 from render.errors import RetargetError
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -145,9 +145,10 @@ class WorkFolder:
         elif self.root.exists():
             shutil.rmtree(self.root)
         self.frames.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        from render.files import atomic_open
+
+        with atomic_open(path, "w") as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True))
 
     def frame_path(self, i: int) -> Path:
         return self.frames / f"{i:06d}.png"

@@ -8,31 +8,18 @@ from __future__ import annotations
 
 import csv
 import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from render.errors import RetargetError
+from render.files import atomic_open
 from tracking.track import COLUMN_NAMES, Track
 
 CSV_WHICH = ("params", "raw", "both")
 
 
-@contextmanager
-def _atomic(path: Path, mode: str = "w", **kwargs):
-    """Open a temporary file beside `path`; rename it onto `path` if the block succeeds."""
-    if not path.parent.is_dir():
-        raise RetargetError(f"cannot write {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+_atomic = atomic_open
 
 
 def write_csv(track: Track, path: str | os.PathLike, which: str = "params") -> Path:

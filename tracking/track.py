@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from render.errors import RetargetError
+from render.files import atomic_open
 
 FORMAT_VERSION = 1
 N_PARAMS = 55
@@ -117,9 +117,6 @@ class Track:
         renamed over `path` once complete. Returns the path."""
         path = Path(path)
         self.validate(str(path))
-        if not path.parent.is_dir():
-            raise RetargetError(f"cannot write {path}: folder {path.parent} does not exist")
-        tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
         arrays = {
             "format_version": np.int64(self.version),
             "raw": self.raw, "params": self.params, "valid": self.valid, "times": self.times,
@@ -128,13 +125,8 @@ class Track:
             "backend": np.str_(self.backend), "weights_id": np.str_(self.weights_id),
             "smoothing": np.str_(json.dumps(self.smoothing, sort_keys=True)),
         }
-        try:
-            with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
+            np.savez(f, **arrays)
         return path
 
     @classmethod
