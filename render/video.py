@@ -157,6 +157,61 @@ class VideoReader:
             container.close()
 
 
+def prefetch(frames: Iterator[VideoFrame], depth: int = 8) -> Iterator[VideoFrame]:
+    """Yield the items of `frames` (any iterator, e.g. `VideoReader.frames()`), unchanged and
+    in order, while a background thread reads up to `depth` items ahead, so that decoding
+    overlaps with the caller's work (PyAV and NumPy release the GIL while they decode and
+    convert). An exception raised by `frames` (e.g. RetargetError for a corrupt file) is
+    raised here at the point where that item would have come. When the caller stops early
+    (break, error, close()), the thread stops too and `frames` is closed in it, so the file
+    is released."""
+    import queue
+    import threading
+
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in frames:
+                if not put((item, None)):
+                    break
+            else:
+                put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((done, e))
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="video-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _open_container(path: Path):
     import av
 

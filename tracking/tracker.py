@@ -1,9 +1,15 @@
 """Video -> track: decode, find the subject's face, SMIRK-crop, encode, fill gaps, smooth.
 
-Streaming: frames are decoded one at a time and dropped once cropped; at most a window of
-frames (for parallel detection) and a batch of 224x224 crops (for the encoder) are held.
-Frames where the subject's face is not found are marked invalid, stored as NaN in
-`Track.raw` and filled by interpolation in `Track.params`.
+Streaming: frames are decoded on a background thread a few frames ahead and dropped once
+cropped; at most a window of frames (for parallel face finding) and a batch of 224x224 crops
+(for the encoder) are held. Frames where the subject's face is not found are marked invalid,
+stored as NaN in `Track.raw` and filled by interpolation in `Track.params`.
+
+Faces are found by full detection every `redetect_every` frames (and whenever a face is
+lost); in between, backends that can (dlib) re-find each face near its last landmarks, about
+8x cheaper (`FaceTracker`). Detection runs on frames whose index is a multiple of the
+cadence, so the work splits into chunks that start with a detection, and worker processes
+give exactly the faces the sequential run finds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from render.errors import RetargetError
-from render.video import VideoFrame, open_video
+from render.video import VideoFrame, open_video, prefetch
 from tracking import smoothing as sm
 from tracking.track import N_PARAMS, Track
 
@@ -47,6 +53,11 @@ class TrackOptions:
         "help": "face crops per encoder call (0: 64 on GPU, 8 on CPU)"})
     device: str = field(default="auto", metadata={
         "help": "where the SMIRK encoder runs: auto (cuda if available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    redetect_every: int = field(default=10, metadata={
+        "help": "run the full face detector every N frames and track the face between them "
+                "(1: detect on every frame; the face is also re-detected whenever it is lost)"})
+    decode_ahead: int = field(default=16, metadata={
+        "help": "frames decoded ahead on a background thread (0: decode in the main thread)"})
     detect_workers: int = field(default=-1, metadata={
         "help": "processes running face detection in parallel (0: none; -1: auto, one per spare core on "
                 "machines with more than 4 cores and clips of 100+ frames)"})
@@ -100,7 +111,43 @@ def source_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# -- detection, sequential or in worker processes -------------------------------------------
+# -- finding faces, sequential or in worker processes ----------------------------------------
+
+class FaceTracker:
+    """Faces per frame: the backend's full `detect` on frames whose index is a multiple of
+    `redetect_every`, on the first frame and on every frame after a face was lost; in
+    between, each face of the previous frame is re-found with `backend.track(image, face)`
+    (backends without `track`, such as MediaPipe, which tracks inside its video mode, get
+    `detect` on every frame). If any face is not re-found, the frame gets a full detection,
+    so a frame with no face (cut, blank, occlusion) always ends in the detector's verdict.
+    `detections` counts the full detections run."""
+
+    def __init__(self, backend, redetect_every: int = 1):
+        if int(redetect_every) < 1:
+            raise RetargetError(f"--redetect-every must be at least 1, got {redetect_every}")
+        self.backend = backend
+        self.every = int(redetect_every)
+        self.can_track = self.every > 1 and callable(getattr(backend, "track", None))
+        self.faces: list = []
+        self.detections = 0
+
+    def __call__(self, rgb: np.ndarray, index: int, timestamp_ms: int | None = None) -> list:
+        """rgb: HxWx3 uint8 frame; index: its position in the run (0 = first frame);
+        timestamp_ms: passed to `detect` (MediaPipe video mode). Returns the faces."""
+        if self.can_track and self.faces and index % self.every != 0:
+            tracked = []
+            for face in self.faces:
+                found = self.backend.track(rgb, face)
+                if found is None:
+                    break
+                tracked.append(found)
+            else:
+                self.faces = tracked
+                return tracked
+        self.faces = self.backend.detect(rgb, timestamp_ms=timestamp_ms)
+        self.detections += 1
+        return self.faces
+
 
 _worker_backend = None
 
@@ -113,8 +160,10 @@ def _init_worker(factory: Callable[[], object]) -> None:
     _worker_backend = factory()
 
 
-def _detect_in_worker(rgb: np.ndarray) -> list:
-    return _worker_backend.detect(rgb)
+def _faces_for_chunk(indices: list[int], frames: list[np.ndarray], redetect_every: int) -> list:
+    # A chunk starts on a detection frame, so a fresh tracker sees what the sequential one does.
+    tracker = FaceTracker(_worker_backend, redetect_every)
+    return [tracker(rgb, i) for i, rgb in zip(indices, frames)]
 
 
 def default_backend_factory(landmarker_path: str | os.PathLike | None = None) -> Callable[[], object]:
@@ -126,37 +175,64 @@ def default_backend_factory(landmarker_path: str | os.PathLike | None = None) ->
     return functools.partial(make_face_backend, "auto", landmarker_path=lm)
 
 
+# Frames held in flight for the workers (all chunks together) stay under this many bytes
+# when chunks are small enough; each worker always gets one chunk and one more waits.
+INFLIGHT_BYTES = 1 << 30
+
+
 def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
-                  factory: Callable[[], object] | None = None) -> Iterator[tuple[VideoFrame, list]]:
-    """Yield (frame, faces) in frame order. workers > 0: detection runs in that many processes,
-    each building its own backend with the picklable `factory`, with at most 3 frames per
-    worker in flight, so memory stays bounded; the faces are the same as sequential
-    detection's. Sequential MediaPipe runs in its video mode (landmarks tracked between
-    frames); in workers each frame is detected on its own."""
+                  factory: Callable[[], object] | None = None,
+                  redetect_every: int = 1) -> Iterator[tuple[VideoFrame, list]]:
+    """Yield (frame, faces) in frame order, faces from a `FaceTracker(backend,
+    redetect_every)` fed every frame. workers > 0: the frames go in chunks of a multiple of
+    `redetect_every` frames (each starting on a detection frame) to that many processes,
+    each building its own backend with the picklable `factory`; at most about two chunks a
+    worker (and INFLIGHT_BYTES) are in flight, so memory stays bounded. The faces equal the
+    sequential run's, except with MediaPipe, which runs in its video mode (landmarks
+    tracked between frames) only sequentially; in workers each frame is detected alone."""
     if workers <= 0:
+        tracker = FaceTracker(backend, redetect_every)
         last_ms = -1
         for frame in frames:
             ms = max(int(round(frame.time_s * 1000)), last_ms + 1)
             last_ms = ms
-            yield frame, backend.detect(frame.rgb, timestamp_ms=ms if backend.name == "mediapipe" else None)
+            yield frame, tracker(frame.rgb, frame.index, ms if backend.name == "mediapipe" else None)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
-    ctx = mp.get_context("spawn")
     if factory is None:
         raise ValueError("parallel detection needs a backend factory")
+    every = max(1, int(redetect_every))
+    chunk_len = every * -(-8 // every)  # >= 8 frames a task: fewer round trips
+    # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
+    ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(factory,)) as pool:
         window: deque = deque()
+        max_chunks = 2 * workers
+        chunk: list[VideoFrame] = []
+
+        def submit() -> None:
+            nonlocal max_chunks
+            if len(window) == 0:
+                nbytes = sum(f.rgb.nbytes for f in chunk)
+                max_chunks = max(workers + 1, min(2 * workers, INFLIGHT_BYTES // max(nbytes, 1)))
+            window.append((list(chunk), pool.submit(_faces_for_chunk, [f.index for f in chunk],
+                                                    [f.rgb for f in chunk], every)))
+            chunk.clear()
+
         for frame in frames:
-            window.append((frame, pool.submit(_detect_in_worker, frame.rgb)))
-            if len(window) >= 3 * workers:
-                f, fut = window.popleft()
-                yield f, fut.result()
+            if chunk and frame.index % chunk_len == 0:
+                submit()
+                while len(window) >= max_chunks:
+                    done, fut = window.popleft()
+                    yield from zip(done, fut.result())
+            chunk.append(frame)
+        if chunk:
+            submit()
         while window:
-            f, fut = window.popleft()
-            yield f, fut.result()
+            done, fut = window.popleft()
+            yield from zip(done, fut.result())
 
 
 # Worker processes take a second or two to start and cost a frame copy each; below these,
@@ -207,6 +283,8 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
 
     options = options or TrackOptions()
     smoothing = options.smoothing_params()
+    if options.redetect_every < 1:
+        raise RetargetError(f"--redetect-every must be at least 1, got {options.redetect_every}")
     path = Path(path)
     reader = open_video(path, fps=options.image_fps)
     device = resolve_device(options.device)
@@ -245,7 +323,10 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     try:
         frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
-        for frame, faces in detect_stream(frames, backend, workers=workers, factory=factory):
+        if options.decode_ahead > 0:
+            frames = prefetch(frames, options.decode_ahead)
+        for frame, faces in detect_stream(frames, backend, workers=workers, factory=factory,
+                                          redetect_every=options.redetect_every):
             if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
                 previous = None
             face = follow_subject(faces, previous)

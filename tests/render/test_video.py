@@ -271,3 +271,57 @@ def test_reads_other_containers(suffix, codec, tmp_path):
     assert r.fps == 25 and r.size == (32, 32) and len(frames) == 10
     np.testing.assert_allclose([f.time_s for f in frames], np.arange(10) / 25, atol=1e-3)
     assert abs(int(frames[5].rgb.mean()) - 100) <= 3
+
+
+def _noise(i: int, w: int, h: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_prefetch_yields_what_sequential_decoding_yields(tmp_path):
+    from render.video import prefetch
+
+    path = make_clip(tmp_path / "n.mp4", n=40, audio=False, frame_fn=_noise,
+                     pts_ms=[round(1000 * (i / 25 + 0.013 * (i % 3))) for i in range(40)])
+    reader = open_video(path)
+    seq = list(reader.frames(start_s=0.2, max_frames=30))
+    ahead = list(prefetch(reader.frames(start_s=0.2, max_frames=30), depth=3))
+    assert len(ahead) == len(seq) == 30
+    for a, b in zip(ahead, seq):
+        assert (a.index, a.time_s) == (b.index, b.time_s)
+        np.testing.assert_array_equal(a.rgb, b.rgb)
+
+
+def test_prefetch_passes_errors_on_and_stops_when_the_caller_stops():
+    import threading
+
+    from render.video import prefetch
+
+    closed = threading.Event()
+
+    def failing():
+        yield 1
+        yield 2
+        raise RetargetError("cannot decode video x.mp4: boom")
+
+    got = []
+    with pytest.raises(RetargetError, match="boom"):
+        for item in prefetch(failing(), depth=1):
+            got.append(item)
+    assert got == [1, 2]
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()  # the caller stops early: the reader thread ends and closes the source
+    assert closed.wait(5)
+    assert not any(t.name == "video-prefetch" for t in threading.enumerate())
+    with pytest.raises(ValueError):
+        next(prefetch(iter([1]), depth=0))

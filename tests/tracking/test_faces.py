@@ -323,3 +323,34 @@ def test_insightface_backend_drives_scrfd_code_correctly(tmp_path):
         assert face.lmk68 is None and face.landmarks is face.kps5
     # The same square in blue is not seen: colours reach the network in the order it expects.
     assert backend.detect(image[:, :, ::-1]) == []
+
+
+def test_landmarks_in_box_equals_detect_in_the_detected_box(dlib_backend, astronaut_rgb, astronaut_face):
+    again = dlib_backend.landmarks_in_box(astronaut_rgb, astronaut_face.bbox, astronaut_face.score)
+    np.testing.assert_array_equal(again.lmk68, astronaut_face.lmk68)
+    np.testing.assert_array_equal(again.kps5, astronaut_face.kps5)
+    np.testing.assert_array_equal(again.bbox, astronaut_face.bbox)
+
+
+def test_track_refinds_a_moved_face_and_rejects_blank_and_jumps(dlib_backend, astronaut_rgb, astronaut_face):
+    """track(): the face shifted 6 px and turned 4 degrees is found again with landmarks
+    within 1 px (mean) of a full detection's; a blank or noise frame, or the face moved
+    far from where it was, gives None (so the caller runs full detection)."""
+    import cv2
+
+    from tracking.faces import DlibBackend
+
+    assert isinstance(dlib_backend, DlibBackend)
+    A = cv2.getRotationMatrix2D(tuple(astronaut_face.centre), 4.0, 1.03)
+    A[:, 2] += (6.0, -4.0)
+    moved = cv2.warpAffine(astronaut_rgb, A, (512, 512), borderMode=cv2.BORDER_REFLECT)
+    full = dlib_backend.detect(moved)[0]
+    found = dlib_backend.track(moved, astronaut_face)
+    assert found is not None and found.lmk68.shape == (68, 2)
+    assert np.linalg.norm(found.lmk68 - full.lmk68, axis=1).mean() < 1.0
+    assert bbox_iou(found.bbox, full.bbox) > 0.6
+    rng = np.random.default_rng(3)
+    assert dlib_backend.track(np.full_like(astronaut_rgb, 128), astronaut_face) is None
+    assert dlib_backend.track(rng.integers(0, 256, astronaut_rgb.shape, dtype=np.uint8), astronaut_face) is None
+    far = np.roll(astronaut_rgb, (200, 200), axis=(0, 1))  # the face left its window
+    assert dlib_backend.track(far, astronaut_face) is None
