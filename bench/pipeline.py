@@ -9,12 +9,21 @@ cost what trained ones cost: the arithmetic does not depend on the values.
 
 Measures per batch size B (frames per call): seconds per call, frames/s, ms per frame and peak memory for
 DPM++ 25 steps with CFG and the reference bank (the release's settings) and for LCM 4 steps; plus the
-once-per-video costs (identity embedding, reference VAE encode, writer pass) and variants in the same run.
+once-per-video costs (identity embedding, reference VAE encode, writer pass) and variants in the same run:
+
+    baseline   peft LoRA layers, bank projected every step (the pipeline before the speed work)
+    fused      LoRA folded into the weights for the loop (pipe.fuse_loras)
+    fused_kv   fused + bank keys/values once per loop, one projection for both CFG halves (the default)
+    compiled   fused_kv + torch.compile(unet, mode="reduce-overhead") (opt-in; GPU, --compile-batches)
+
+Variants are interleaved per (mode, B) so that clock drift hits them alike. The GPU run also checks that
+the variants give the same frames (fp16 pixel differences against the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -126,7 +135,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--variants", default="baseline,fused,fused_kv,compiled", help="see the module docstring")
+    ap.add_argument("--compile-batches", default="1,8", help="batch sizes for the compiled variant (GPU only)")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after start past which no further compiled batch is started")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
 
     import diffusers
     import peft
@@ -134,7 +148,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,4,8,16,32")).split(",")]
+    batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,8,32")).split(",")]
     steps = args.steps or (2 if args.tiny else 25)
     repeat_small, repeat_big = (1, 1) if args.tiny else (3, 2)
 
@@ -164,53 +178,11 @@ def main(argv=None) -> int:
     flops_row = flops_row / 2 if flops_row else None
     print("once per video: " + ", ".join(f"{k} {v:.1f}" for k, v in once.items()) + f", bank {bank_mb:.1f} MB", flush=True)
 
-    modes = {
-        "dpm++25_cfg_ref": dict(scheduler="dpm++", steps=steps, guidance=3.0, ref_strength=0.8),
-        "lcm4_ref": dict(scheduler="lcm", steps=4, guidance=1.0, ref_strength=0.8),
-    }
-    rows = []
-
-    def measure(mode: str, b: int, variant: str = "baseline", **call):
-        expr = rng.standard_normal((b, 55)).astype(np.float32)
-        try:
-            pipe(actor, expr, seed=0, **dict(call, steps=2))  # warm-up: allocations, kernel selection
-            reset_peak(device)
-            sec = timed(lambda: pipe(actor, expr, seed=0, **call), device, repeat_small if b <= 4 else repeat_big)
-            row = dict(mode=mode, variant=variant, batch=b, seconds=sec, frames_per_s=b / sec,
-                       ms_per_frame=1e3 * sec / b, peak_mem_gb=peak_gb(device))
-        except torch.cuda.OutOfMemoryError:
-            row = dict(mode=mode, variant=variant, batch=b, error="out of memory")
-            torch.cuda.empty_cache()
-        rows.append(row)
-        if "error" in row:
-            print(f"{mode:18s} {variant:14s} B={b:3d}  {row['error']}", flush=True)
-        else:
-            mem = f"{row['peak_mem_gb']:.2f} GB" if row["peak_mem_gb"] is not None else "-"
-            print(f"{mode:18s} {variant:14s} B={b:3d}  {sec:8.3f} s  {row['frames_per_s']:7.2f} frames/s  "
-                  f"{row['ms_per_frame']:8.1f} ms/frame  peak {mem}", flush=True)
-
-    for mode, call in modes.items():
-        for b in batches:
-            measure(mode, b, **call)
-
-    # variants at one batch size, same run: the cost of the reference bank, channels_last
-    vb = 8 if 8 in batches else batches[-1]
-    measure("dpm++25_cfg", vb, "no_reference", **dict(modes["dpm++25_cfg_ref"], ref_strength=0.0))
-    if device.type == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)
-        measure("dpm++25_cfg_ref", vb, "channels_last", **modes["dpm++25_cfg_ref"])
-        pipe.unet.to(memory_format=torch.contiguous_format)
-    lat = torch.randn(vb, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size, device=device, dtype=dtype)
-    pipe.decode(lat[:1])
-    decode_ms = 1e3 * timed(lambda: pipe.decode(lat), device, 2) / vb
-
-    best = max((r for r in rows if r.get("mode") == "dpm++25_cfg_ref" and "error" not in r and r["variant"] == "baseline"),
-               key=lambda r: r["frames_per_s"])
-    achieved = None
-    if flops_row:
-        # UNet FLOPs of the whole loop over the measured time (the VAE decode included in the time)
-        achieved = flops_row * 2 * best["batch"] * steps / best["seconds"] / 1e12
-    result = {
+    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "cpu"
+    out_path = out_dir / f"pipeline_{'tiny_' if args.tiny else ''}{tag}_{dt.date.today().isoformat()}.json"
+    result_head = {
         "gpu": gpu, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "python": platform.python_version(),
@@ -219,25 +191,171 @@ def main(argv=None) -> int:
         "sdpa": {"flash": torch.backends.cuda.flash_sdp_enabled(),
                  "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
                  "math": torch.backends.cuda.math_sdp_enabled()},
-        "build_s": build_s, "weights_mem_gb": weights_gb, "bank_mb": bank_mb,
-        "unet_gflops_per_row_with_reference": flops_row / 1e9 if flops_row else None,
-        "achieved_unet_tflops_at_best_batch": achieved, "vae_decode_ms_per_frame": decode_ms,
-        **once, "results": rows,
+        "build_s": build_s, "weights_mem_gb": weights_gb,
         "notes": ("random weights in the real architectures; reference LoRA rank "
                   f"{REF_LORA_RANK}, LCM-LoRA rank {LCM_LORA_RANK}; times include VAE decode and uint8 output; "
-                  "identity_embed_ms is the text-encoder part (ArcFace ONNX not included)"),
+                  "identity_embed_ms is the text-encoder part (ArcFace ONNX not included); variants: see "
+                  "bench/pipeline.py's docstring; equality_vs_baseline: same seed, 8 steps, B=2"),
     }
-    print(f"\nbest DPM++ throughput: {best['frames_per_s']:.2f} frames/s at B={best['batch']}"
-          + (f" ({achieved:.0f} TFLOP/s UNet)" if achieved else "") + f"; VAE decode {decode_ms:.1f} ms/frame")
-    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "cpu"
-    path = out_dir / f"pipeline_{'tiny_' if args.tiny else ''}{tag}_{dt.date.today().isoformat()}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
-    print(f"wrote {path}")
+
+    modes = {
+        "dpm++25_cfg_ref": dict(scheduler="dpm++", steps=steps, guidance=3.0, ref_strength=0.8),
+        "lcm4_ref": dict(scheduler="lcm", steps=4, guidance=1.0, ref_strength=0.8),
+    }
+    variants = [v for v in args.variants.split(",") if v]
+    compile_batches = [int(b) for b in args.compile_batches.split(",") if b] if device.type == "cuda" else []
+    rows: list[dict] = []
+    extra: dict = {}
+
+    def save():
+        write_json(out_path, dict(result_head, **once, bank_mb=bank_mb, results=rows, **extra))
+
+    def use(variant: str):
+        """Switch the pipeline to `variant` (see the module docstring)."""
+        pipe.unfuse_loras()
+        pipe.fuse_loras = variant != "baseline"
+        pipe.reference_state.fast = variant in ("fused_kv", "compiled")
+        if variant == "compiled":
+            if pipe._compiled_unet is None:
+                pipe.compile_unet("reduce-overhead", dynamic=False)
+        else:
+            pipe._compiled_unet = None
+
+    def measure(mode: str, b: int, variant: str = "baseline", **call):
+        use(variant)
+        expr = np.random.default_rng(b).standard_normal((b, 55)).astype(np.float32)
+        try:
+            t0 = time.perf_counter()
+            pipe(actor, expr, seed=0, **dict(call, steps=min(2, call["steps"])))  # warm-up (and compile)
+            sync(device)
+            first_s = time.perf_counter() - t0
+            if variant == "compiled":  # cudagraph trees record on a later call
+                pipe(actor, expr, seed=0, **dict(call, steps=min(2, call["steps"])))
+            reset_peak(device)
+            sec = timed(lambda: pipe(actor, expr, seed=0, **call), device, repeat_small if b <= 4 else repeat_big)
+            row = dict(mode=mode, variant=variant, batch=b, seconds=sec, frames_per_s=b / sec,
+                       ms_per_frame=1e3 * sec / b, peak_mem_gb=peak_gb(device), first_call_s=first_s)
+        except torch.cuda.OutOfMemoryError:
+            row = dict(mode=mode, variant=variant, batch=b, error="out of memory")
+            torch.cuda.empty_cache()
+        except Exception as e:  # a failing variant (compile) must not cost the other numbers
+            row = dict(mode=mode, variant=variant, batch=b, error=f"{e.__class__.__name__}: {str(e)[:300]}")
+        rows.append(row)
+        if "error" in row:
+            print(f"{mode:16s} {variant:9s} B={b:3d}  {row['error']}", flush=True)
+        else:
+            mem = f"{row['peak_mem_gb']:.2f} GB" if row["peak_mem_gb"] is not None else "-"
+            print(f"{mode:16s} {variant:9s} B={b:3d}  {sec:8.3f} s  {row['frames_per_s']:7.2f} frames/s  "
+                  f"{row['ms_per_frame']:8.1f} ms/frame  peak {mem}  first call {first_s:.1f} s", flush=True)
+        save()
+
+    # same frames? fp16 on the GPU, fp32 on the CPU: each variant against the baseline at B=2
+    expr2 = np.random.default_rng(99).standard_normal((2, 55)).astype(np.float32)
+    same = {}
+    for mode, call in modes.items():
+        outs = {}
+        for variant in [v for v in variants if v != "compiled"]:
+            use(variant)
+            outs[variant] = pipe(actor, expr2, seed=3, **dict(call, steps=min(call["steps"], 8)), output_type="float")
+        for variant, out in outs.items():
+            if variant != "baseline" and "baseline" in outs:
+                d = np.abs(out - outs["baseline"])
+                same[f"{mode}/{variant}"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                                             "max_uint8": int(np.abs(np.round(out * 255) - np.round(outs["baseline"] * 255)).max())}
+    extra["equality_vs_baseline_8_steps"] = same
+    print("frames vs baseline (8 steps, pixels in [0, 1]): " + ", ".join(
+        f"{k} max {v['max_abs']:.2e} mean {v['mean_abs']:.2e}" for k, v in same.items()), flush=True)
+
+    # cost of (re)folding the LoRA when the strength changes
+    use("fused")
+    pipe._use_loras({"reference": 0.8})
+    sync(device)
+    t0 = time.perf_counter()
+    pipe._use_loras({"reference": 0.7})
+    sync(device)
+    extra["refuse_reference_ms"] = 1e3 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    pipe._use_loras({"reference": 0.8, "lcm": 1.0})
+    sync(device)
+    extra["refuse_reference_lcm_ms"] = 1e3 * (time.perf_counter() - t0)
+    pipe.unfuse_loras()
+
+    for mode, call in modes.items():
+        for b in batches:
+            for variant in variants:
+                if variant != "compiled":
+                    measure(mode, b, variant, **call)
+
+    vb = 8 if 8 in batches else batches[-1]
+    measure("dpm++25_cfg", vb, "fused_kv", **dict(modes["dpm++25_cfg_ref"], ref_strength=0.0))
+
+    # opt-in torch.compile last: its compile time is the open question, and a deadline keeps the run in
+    # its lease (compiled numbers for the batches that fit)
+    if "compiled" in variants:
+        for b in compile_batches:
+            if time.perf_counter() - t_start > args.deadline:
+                print(f"compiled B={b}: skipped, past the {args.deadline:.0f} s deadline", flush=True)
+                extra.setdefault("compile_skipped", []).append(b)
+                continue
+            measure("dpm++25_cfg_ref", b, "compiled", **modes["dpm++25_cfg_ref"])
+            if "error" not in rows[-1]:
+                # same frames as eager?
+                use("compiled")
+                outs_c = pipe(actor, np.random.default_rng(b).standard_normal((b, 55)).astype(np.float32), seed=3,
+                              **dict(modes["dpm++25_cfg_ref"], steps=8), output_type="float")
+                use("fused_kv")
+                outs_e = pipe(actor, np.random.default_rng(b).standard_normal((b, 55)).astype(np.float32), seed=3,
+                              **dict(modes["dpm++25_cfg_ref"], steps=8), output_type="float")
+                rows[-1]["max_abs_vs_eager_8_steps"] = float(np.abs(outs_c - outs_e).max())
+                save()
+        use("fused_kv")
+
+    lat = torch.randn(vb, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size, device=device, dtype=dtype)
+    pipe.decode(lat[:1])
+    decode_ms = 1e3 * timed(lambda: pipe.decode(lat), device, 2) / vb
+
+    ok = [r for r in rows if r.get("mode") == "dpm++25_cfg_ref" and "error" not in r]
+    achieved = {}
+    for variant in {r["variant"] for r in ok}:
+        best = max((r for r in ok if r["variant"] == variant), key=lambda r: r["frames_per_s"])
+        if flops_row:
+            # UNet FLOPs of the whole loop over the measured time (the VAE decode included in the time)
+            achieved[variant] = dict(batch=best["batch"],
+                                     tflops=flops_row * 2 * best["batch"] * steps / best["seconds"] / 1e12)
+    extra.update(unet_gflops_per_row_with_reference=flops_row / 1e9 if flops_row else None,
+                 achieved_unet_tflops_at_best_batch=achieved, vae_decode_ms_per_frame=decode_ms)
+    save()
+    print_table(rows, variants)
+    print(f"VAE decode {decode_ms:.1f} ms/frame; "
+          + ", ".join(f"{v}: {a['tflops']:.0f} TFLOP/s UNet at B={a['batch']}" for v, a in achieved.items()))
+    print(f"wrote {out_path}")
     return 0
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def print_table(rows: list[dict], variants: list[str]) -> None:
+    """frames/s per (mode, B) and variant, with the ratio to the baseline."""
+    cells = {(r["mode"], r["batch"], r["variant"]): r for r in rows}
+    keys = sorted({(r["mode"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    print("\n" + f"{'mode':16s} {'B':>3s} " + " ".join(f"{v:>18s}" for v in variants))
+    for mode, b in keys:
+        base = cells.get((mode, b, "baseline"))
+        line = f"{mode:16s} {b:3d} "
+        for v in variants:
+            r = cells.get((mode, b, v))
+            if r is None:
+                line += f"{'':>18s} "
+            elif "error" in r:
+                line += f"{'error':>18s} "
+            else:
+                ratio = f" x{r['frames_per_s'] / base['frames_per_s']:.2f}" if base and "error" not in base else ""
+                line += f"{r['frames_per_s']:9.2f} f/s{ratio:>6s} "
+        print(line)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from render.errors import RetargetError
 from retarget import components
 from retarget.adapters import expression as exp_adapter
+from retarget.adapters import fusion
 from retarget.adapters import reference as ref_adapter
 from retarget.identity import ArcFaceEmbedder, IdentityEncoder
 
@@ -81,6 +82,10 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         self.face_backend = None
         self._lcm_state: dict | None = None
         self._adapters: set[str] = set()
+        # Speed switches (same numbers within float rounding; tests/retarget/test_pipeline_speed.py):
+        # fold the call's LoRA scales into the weights for the loop, re-folded when they change.
+        self.fuse_loras = True
+        self._compiled_unet = None
         self.set_progress_bar_config(disable=True)  # callers show progress per batch of frames
 
     # ------------------------------------------------------------------ construction
@@ -155,7 +160,9 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         self._load_lora(state, LCM_ADAPTER, path or "lcm_lora")
 
     def _set_loras(self, weights: dict[str, float]) -> None:
-        """Activate exactly the adapters in `weights` (name -> scale); none -> LoRA layers bypassed."""
+        """Activate exactly the adapters in `weights` (name -> scale) on peft's unfused LoRA layers;
+        none -> LoRA layers bypassed. Undoes any fusion first."""
+        fusion.unfuse(self.unet)
         active = {k: v for k, v in weights.items() if v != 0}
         if not self._adapters:
             return
@@ -164,6 +171,34 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
             return
         self.unet.enable_lora()
         self.unet.set_adapters(list(active), list(active.values()))
+
+    def _use_loras(self, weights: dict[str, float]) -> None:
+        """`_set_loras` for a denoising loop: with `fuse_loras`, the active adapters are folded into the
+        weights (fusion.fuse), once per set of scales: a later call with the same scales reuses the
+        fusion, other scales restore the original weights and fold again."""
+        active = {k: float(v) for k, v in weights.items() if v != 0}
+        key = tuple(sorted(active.items()))
+        if self.fuse_loras and self._adapters and fusion.fused_key(self.unet) == key:
+            return
+        self._set_loras(weights)
+        if self.fuse_loras and fusion.fusable(self.unet, list(active)):
+            fusion.fuse(self.unet, list(active), key)
+
+    def unfuse_loras(self) -> None:
+        """Put the UNet back in its loaded state (base weights, peft LoRA layers). Calls do it themselves
+        when needed; use it before saving or editing the UNet's weights yourself."""
+        fusion.unfuse(self.unet)
+
+    def to(self, *args, **kwargs):
+        # Moving while fused would leave the wrappers' LoRA tensors (out of the module tree) behind.
+        fusion.unfuse(self.unet)
+        return super().to(*args, **kwargs)
+
+    def compile_unet(self, mode: str | None = "reduce-overhead", **kwargs) -> None:
+        """Opt-in: run the denoising loop through `torch.compile(unet, mode=mode, **kwargs)` (the writer
+        stays eager). Each new batch size, scheduler or scale setting compiles again (seconds to minutes);
+        mode None goes back to eager."""
+        self._compiled_unet = None if mode is None else torch.compile(self.unet, mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ actor
     @property
@@ -328,7 +363,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         if scheduler == "lcm":
             self.load_lcm_lora()
             loras[LCM_ADAPTER] = 1.0
-        self._set_loras(loras)
+        self._use_loras(loras)
         self.set_ip_adapter_scale(float(exp_scale))
 
         cond = actor.id_embeds.to(device, dtype).expand(b, -1, -1)
@@ -345,11 +380,12 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         latents = latents * sched.init_noise_sigma
 
         bank = actor.bank.to(device, dtype) if use_ref else None
-        with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0):
+        unet = self._compiled_unet or self.unet
+        with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet):
             for t in self.progress_bar(sched.timesteps):
                 x = torch.cat([latents] * 2) if cfg else latents
                 x = sched.scale_model_input(x, t)
-                eps = self.unet(x, t, encoder_hidden_states=prompt, added_cond_kwargs=added, return_dict=False)[0]
+                eps = unet(x, t, encoder_hidden_states=prompt, added_cond_kwargs=added, return_dict=False)[0]
                 if cfg:
                     eps_uncond, eps_cond = eps.chunk(2)
                     eps = eps_uncond + guidance * (eps_cond - eps_uncond)

@@ -11,6 +11,11 @@ One `ReferenceAttnProcessor` sits on every attn1 of the UNet, all sharing one `R
 The processors call `attn.to_q/to_k/to_v/to_out`, so a peft LoRA on those layers (the reference LoRA)
 applies as it does in the release. IP-Adapter processors on attn2 are untouched.
 
+Speed (same numbers): `reading(..., unet=...)` projects the bank's keys/values once per loop instead of once
+per step (they depend only on the bank and the weights, fixed within a loop), and a CFG batch's rows share
+one q/k/v/out projection (the unconditional rows just skip the bank in the attention itself).
+`ReferenceState.fast = False` restores the step-by-step path (benchmark baseline, equality tests).
+
 The writer is "a frozen copy of the UNet without LoRA" in the release; `writer_pass` realises it as the
 same module with LoRA disabled, attn2 set to plain cross-attention and the IP-Adapter projection
 detached for the duration (tests check it equals a separate copy), which saves a second UNet in memory.
@@ -50,6 +55,8 @@ class ReferenceState:
     mode: str = OFF
     bank: dict[str, torch.Tensor] = field(default_factory=dict)
     read_from: int = 0
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # bank projected, per loop
+    fast: bool = True  # False: project the bank every call and each CFG half apart (the original path)
 
 
 def _is_self_attention(name: str) -> bool:
@@ -77,6 +84,9 @@ class ReferenceAttnProcessor:
         split = min(max(state.read_from, 0), hidden_states.shape[0])
         if split == hidden_states.shape[0]:
             return self.plain(attn, hidden_states, None, attention_mask, temb)
+        if state.fast:
+            kv = state.kv.get(self.name)
+            return self.read(attn, hidden_states, ref, attention_mask, kv=kv, plain_rows=split)
         read = self.read(attn, hidden_states[split:], ref, attention_mask)
         if split == 0:
             return read
@@ -84,35 +94,57 @@ class ReferenceAttnProcessor:
         return torch.cat([plain, read], dim=0)
 
     @staticmethod
-    def read(attn, hidden_states: torch.Tensor, ref: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def read(attn, hidden_states: torch.Tensor, ref: torch.Tensor, attention_mask=None, *,
+             kv: tuple[torch.Tensor, torch.Tensor] | None = None, plain_rows: int = 0) -> torch.Tensor:
         """attn(q = h, k = v = cat([h, ref], tokens)) for h (n, N, C) and ref (1 or n, M, C).
 
         Equals `AttnProcessor2_0` called with encoder_hidden_states=cat([h, ref]) (what the release does),
-        but projects the shared reference tokens once instead of once per row.
+        but projects the shared reference tokens once instead of once per row. kv: `project_bank`'s
+        (to_k(ref), to_v(ref)) when already computed. plain_rows: the first rows do plain self-attention
+        (keys/values from h alone: the unconditional CFG half), sharing the projections with the rest.
         """
         if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            raise NotImplementedError("reference reading supports the SD transformer blocks' 3-D self-attention")
+            raise NotImplementedError("reference reading supports the SD 3-D self-attention of transformer blocks")
         if attention_mask is not None:
             raise NotImplementedError("reference reading does not take an attention mask")
         n = hidden_states.shape[0]
-        ref = ref.to(hidden_states.dtype)
+        s = plain_rows
+        r = n - s  # rows that read the bank
+        if kv is None:
+            kv = project_bank(attn, ref.to(hidden_states.dtype))
+        ref_k, ref_v = kv
         query = attn.to_q(hidden_states)
-        key = torch.cat([attn.to_k(hidden_states), attn.to_k(ref).expand(n, -1, -1)], dim=1)
-        value = torch.cat([attn.to_v(hidden_states), attn.to_v(ref).expand(n, -1, -1)], dim=1)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(n, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(n, -1, attn.heads * head_dim).to(query.dtype)
+        key_h = attn.to_k(hidden_states)
+        value_h = attn.to_v(hidden_states)
+        head_dim = key_h.shape[-1] // attn.heads
+
+        def heads(x):
+            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+
+        def sdpa(q, k, v):
+            q, k, v = heads(q), heads(k), heads(v)
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            return o.transpose(1, 2).reshape(o.shape[0], -1, attn.heads * head_dim).to(q.dtype)
+
+        key = torch.cat([key_h[s:], ref_k.expand(r, -1, -1)], dim=1)
+        value = torch.cat([value_h[s:], ref_v.expand(r, -1, -1)], dim=1)
+        out = sdpa(query[s:], key, value)
+        if s:
+            out = torch.cat([sdpa(query[:s], key_h[:s], value_h[:s]), out], dim=0)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def project_bank(attn, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(to_k(ref), to_v(ref)) of one attn1 layer for its stored states ref (1, M, C): the bank's keys and
+    values, which depend only on the bank and the layer's (possibly LoRA-fused) weights."""
+    return attn.to_k(ref), attn.to_v(ref)
 
 
 def install_reference_processors(unet) -> ReferenceState:
@@ -141,6 +173,9 @@ def _lora_enabled(unet) -> bool | None:
 def writer_pass(unet, state: ReferenceState):
     """Within the block, `unet` computes what the release's frozen reference UNet computes, and its attn1
     processors write the bank: LoRA disabled, attn2 plain cross-attention, no IP-Adapter projection."""
+    from retarget.adapters import fusion
+
+    fusion.unfuse(unet)  # the writer sees the base weights, never a fused LoRA
     saved = unet.attn_processors
     writer = {name: p if _is_self_attention(name) else AttnProcessor2_0() for name, p in saved.items()}
     hid_proj = unet.encoder_hid_proj
@@ -175,14 +210,23 @@ def write_bank(unet, state: ReferenceState, ref_latent: torch.Tensor, prompt_emb
 
 
 @contextlib.contextmanager
-def reading(state: ReferenceState, bank: ReferenceBank | None, read_from: int):
-    """Within the block, rows >= read_from of every UNet call read `bank`; with bank None, plain attention."""
+def reading(state: ReferenceState, bank: ReferenceBank | None, read_from: int, unet=None):
+    """Within the block, rows >= read_from of every UNet call read `bank`; with bank None, plain attention.
+
+    unet: the UNet whose processors share `state`; given (and `state.fast`), the bank's keys/values are
+    projected once here with its current weights, so the weights and LoRA scales must not change inside
+    the block."""
     if bank is None:
         state.mode = OFF
         yield state
         return
     state.mode, state.bank, state.read_from = READ, bank.states, read_from
     try:
+        if unet is not None and state.fast:
+            with torch.no_grad():
+                for name, ref in bank.states.items():
+                    attn = unet.get_submodule(name.removesuffix(".processor"))
+                    state.kv[name] = project_bank(attn, ref.to(attn.to_k.weight.dtype))
         yield state
     finally:
-        state.mode, state.bank, state.read_from = OFF, {}, 0
+        state.mode, state.bank, state.read_from, state.kv = OFF, {}, 0, {}
