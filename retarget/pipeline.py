@@ -380,7 +380,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         latents = latents * sched.init_noise_sigma
 
         bank = actor.bank.to(device, dtype) if use_ref else None
-        unet = self._compiled_unet or self.unet
+        unet = self.unet if self._compiled_unet is None else self._compiled_unet
         with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet):
             for t in self.progress_bar(sched.timesteps):
                 x = torch.cat([latents] * 2) if cfg else latents
