@@ -13,8 +13,12 @@ turning and zooming, `--size` pixels square, H.264. Stages, each in frames/s:
 - encode: the SMIRK expression encoder, full architecture with random weights (the
   arithmetic does not depend on the values), batch 64 on GPU (fp32 and fp16) or 8 on CPU,
   host-to-device copy included;
+- track_everyN: the tracker's face finding with full detection every N frames and the face
+  re-found near its last landmarks in between, one process;
 - whole: `track_video` end to end (decode, detect, follow, crop, encode, fill, smooth),
-  model loading and worker start-up included.
+  model loading and worker start-up included; "old" detects on every frame and decodes in
+  the main thread, "new" uses the defaults (detection every 10 frames, decode thread);
+- decode_threads: PyAV decode + RGB conversion with ffmpeg's thread count auto or fixed.
 Smoothing: jitter reduction (still stretches) and lag (cross-correlation) of the default
 zero-phase and One Euro filters on synthetic hold-and-move curves with Gaussian noise.
 
@@ -77,7 +81,7 @@ def make_clip(path: Path, n: int, size: int, fps: int = 25) -> Path:
 # -- a stand-in landmark model where the 68-point one cannot be brought ----------------------
 
 class FivePointDlib(DlibBackend):
-    """dlib HOG detection (exactly DlibBackend's) + dlib's 5-point landmark model.
+    """dlib HOG detection and tracking (exactly DlibBackend's) + dlib's 5-point landmark model.
 
     Only a timing stand-in for machines where the 100 MB 68-point model cannot be carried:
     same detector, a cheaper landmark step; its crops come from 5 points, not the real ones.
@@ -89,21 +93,16 @@ class FivePointDlib(DlibBackend):
         super().__init__()
         import dlib
 
-        self._dlib = dlib
-        self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(predictor_path)
+        self._own_models = (dlib, dlib.get_frontal_face_detector(), dlib.shape_predictor(predictor_path))
 
-    def detect(self, image_rgb, timestamp_ms=None):
-        image = to_rgb_uint8(image_rgb)
-        faces = []
-        for box, score in self._boxes(self._detector, image):
-            rect = self._dlib.rectangle(int(round(box[0])), int(round(box[1])),
-                                        int(round(box[2])) - 1, int(round(box[3])) - 1)
-            pts = np.array([(p.x, p.y) for p in self._predictor(image, rect).parts()], np.float32)
-            # dlib's 5 points: eye corners (2 + 2) and the nose base; enough for a crop box.
-            kps5 = np.stack([pts[2:4].mean(0), pts[0:2].mean(0), pts[4], pts[4], pts[4]]).astype(np.float32)
-            faces.append(Face(bbox=box, score=score, kps5=kps5, lmk68=None, landmarks=pts))
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+    def _models(self):
+        return self._own_models
+
+    def _face(self, bbox, score, points):
+        # dlib's 5 points: eye corners (2 + 2) and the nose base; enough for a crop box.
+        pts = points
+        kps5 = np.stack([pts[2:4].mean(0), pts[0:2].mean(0), pts[4], pts[4], pts[4]]).astype(np.float32)
+        return Face(bbox=bbox, score=score, kps5=kps5, lmk68=None, landmarks=pts)
 
 
 def choose_backend(five_point: str | None):
@@ -191,13 +190,50 @@ def bench_encode(device: str, batch: int, n_batches: int, half: bool) -> dict:
             "seconds": secs, "fps": batch * n_batches / secs}
 
 
-def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int) -> dict:
+def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int,
+                redetect_every: int, decode_ahead: int) -> dict:
     from tracking.tracker import TrackOptions, track_video
 
-    opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames)
+    opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames,
+                        redetect_every=redetect_every, decode_ahead=decode_ahead)
     track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False, backend_factory=factory)
-    return {"workers": workers, "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs,
-            "fps": len(track) / secs}
+    return {"workers": workers, "redetect_every": redetect_every, "decode_ahead": decode_ahead,
+            "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
+
+
+def bench_tracker(frames: list, factory, redetect_every: int) -> dict:
+    """FaceTracker (detection every N frames, tracking between) in one process."""
+    from tracking.tracker import FaceTracker
+
+    backend = factory()
+    backend.detect(frames[0].rgb)
+    tracker = FaceTracker(backend, redetect_every)
+    _, secs = timed(lambda: [tracker(f.rgb, f.index) for f in frames])
+    return {"redetect_every": redetect_every, "frames": len(frames), "detections": tracker.detections,
+            "seconds": secs, "fps": len(frames) / secs}
+
+
+def bench_decode_threads(clip: Path, n: int) -> dict:
+    """PyAV decode + RGB conversion of n frames with ffmpeg's thread count 0 (auto) or fixed."""
+    import av
+
+    out = {}
+    for count in (0, 1, 2, 4, 8):
+        def run():
+            with av.open(str(clip)) as c:
+                s = c.streams.video[0]
+                s.thread_type = "AUTO"
+                s.codec_context.thread_count = count
+                k = 0
+                for fr in c.decode(s):
+                    fr.to_ndarray(format="rgb24")
+                    k += 1
+                    if k >= n:
+                        break
+                return k
+        k, secs = timed(run)
+        out[f"threads_{count or 'auto'}_fps"] = k / secs
+    return out
 
 
 def bench_landmark_models() -> dict:
@@ -297,8 +333,10 @@ def main() -> None:
 
     from render.video import open_video
     from tracking.smirk import CHECKPOINT_PREFIX, ExpressionEncoder
+    from tracking.tracker import TrackOptions
 
     stages = {"decode": bench_decode(clip)}
+    result["decode_threads"] = bench_decode_threads(clip, min(n, 500))
     encode_batch = 64 if device == "cuda" else 8
     n_batches = 2 if args.tiny else (20 if device == "cuda" else 8)
     stages["encode_fp32"] = bench_encode(device, encode_batch, n_batches, half=False)
@@ -308,6 +346,8 @@ def main() -> None:
         k = min(n, 24 if args.tiny else 100)
         frames = list(open_video(clip).frames(max_frames=k))
         stages["detect"], faces = bench_detect(frames, factory)
+        for every in (10, 25):
+            stages[f"track_every{every}"] = bench_tracker(frames, factory, every)
         stages["crop"] = bench_crop(frames, faces)
         del frames
         if workers > 0:
@@ -316,9 +356,11 @@ def main() -> None:
         ckpt = tmp / "SMIRK_random.pt"
         torch.save({CHECKPOINT_PREFIX + k2: v for k2, v in ExpressionEncoder().state_dict().items()}, ckpt)
         seq_frames = min(n, 24 if args.tiny else (200 if device == "cuda" else n))
-        stages["whole_sequential"] = bench_whole(clip, ckpt, factory, device, 0, seq_frames)
-        if workers > 0:
-            stages["whole_parallel"] = bench_whole(clip, ckpt, factory, device, workers, n)
+        # old: detection on every frame, decoding in the main thread; new: the defaults.
+        for tag, every, ahead in (("old", 1, 0), ("new", TrackOptions.redetect_every, TrackOptions.decode_ahead)):
+            stages[f"whole_sequential_{tag}"] = bench_whole(clip, ckpt, factory, device, 0, seq_frames, every, ahead)
+            if workers > 0:
+                stages[f"whole_parallel_{tag}"] = bench_whole(clip, ckpt, factory, device, workers, n, every, ahead)
     try:
         result["landmark_models"] = bench_landmark_models()
     except Exception as e:  # the 68-point model is not on every machine
@@ -330,6 +372,7 @@ def main() -> None:
     for name, r in stages.items():
         detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "fps")
         print(f"{name:<24}{r['fps']:>10.1f}  {detail}")
+    print("decode threads (frames/s): " + ", ".join(f"{k}={v:.0f}" for k, v in result["decode_threads"].items()))
     if "error" not in result["landmark_models"]:
         print("landmark models (ms/face): " + ", ".join(f"{k}={v:.2f}" for k, v in result["landmark_models"].items()))
     print(f"\n{'fps':>4} {'noise':>6} {'method':<11}{'jitter /':>9}{'lag (fr)':>10}{'rmse':>8}{'input':>8}  goal")

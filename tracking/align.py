@@ -284,9 +284,10 @@ def smirk_crop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """SMIRK's input crop as uint8: (size x size x 3 uint8, 2x3 float64 M).
 
-    image: HxWx3 uint8 RGB; landmarks: (N, 2) pixels. Bilinear, black outside the image.
-    For the network use :func:`smirk_input`, which returns float32 in [0, 1] computed the
-    way SMIRK does (no rounding to 8 bits); this uint8 version is for previews.
+    image: HxWx3 uint8 RGB; landmarks: (N, 2) pixels. Bilinear (OpenCV, 1/32 px fixed
+    point), rounded to the nearest level, black outside the image. SMIRK's release demo
+    also feeds an 8-bit crop, but truncated (see :func:`smirk_input`): this crop is within
+    one level of it and on average about half a level brighter.
     """
     import cv2
 
@@ -301,10 +302,14 @@ def smirk_input(
 ) -> tuple[np.ndarray, np.ndarray]:
     """SMIRK's network input: (size x size x 3 float32 RGB in [0, 1], 2x3 float64 M).
 
-    Computed like SMIRK's demo, ``skimage.transform.warp(image, tform.inverse,
-    output_shape=(size, size))`` (bilinear on the image as floats in [0, 1], zeros outside),
-    but only on the part of the image the square covers, which gives the same values
-    without converting a whole video frame to float64.
+    The bilinear warp SMIRK's demo computes, ``skimage.transform.warp(image, tform.inverse,
+    output_shape=(size, size))`` (floats in [0, 1], zeros outside), but only on the part of
+    the image the square covers, which gives the same values without converting a whole
+    video frame to float64. The release demos (demo.py, demo_video.py) then round to 8 bits
+    before the network: ``warp(..., preserve_range=True).astype(np.uint8)`` truncates the
+    0..255 values and the network gets that divided by 255, i.e.
+    ``np.floor(smirk_input(...) * 255) / 255`` up to float rounding at exact integers. This
+    function returns the values before that truncation (at most 1/255 above the release).
     """
     from skimage.transform import AffineTransform, warp
 

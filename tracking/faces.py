@@ -347,7 +347,10 @@ class DlibBackend:
         image = to_rgb_uint8(image_rgb)
         h, w = image.shape[:2]
         lm = np.asarray(previous.landmarks, dtype=np.float64)
-        lo, hi = lm.min(0), lm.max(0)
+        # The box of the landmarks and the detector box together: sparse landmark sets
+        # (5 points) would leave out most of the face.
+        box = np.asarray(previous.bbox, dtype=np.float64)
+        lo, hi = np.minimum(lm.min(0), box[:2]), np.maximum(lm.max(0), box[2:])
         span = hi - lo
         face_size = float(np.sqrt(max(previous.area, 1.0)))
         if min(span) < 2.0 or face_size < 8.0:

@@ -255,7 +255,8 @@ def _auto_workers(requested: int, n_frames: int | None = None) -> int:
 def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
     """The SMIRK input for one face: (224, 224, 3) uint8 RGB, the square around the face's
     landmarks enlarged 1.4x (SPEC.md §5). The encoder divides by 255, as SMIRK's demo does
-    with its 8-bit crops."""
+    with its 8-bit crops; those are truncated, ours rounded (within one level, see
+    tracking.align.smirk_crop)."""
     from tracking.align import smirk_crop
 
     return smirk_crop(rgb, face.landmarks, size=224, scale=1.4)[0]
