@@ -128,6 +128,46 @@ def unet_flops(pipe, actor, rows: int) -> float | None:
         return None
 
 
+def accuracy(device: torch.device, tiny: bool, out_dir: Path, steps: int) -> dict:
+    """Error of each fp16 variant against an fp32 run of the same weights and actor (TF32 off), so that
+    fp16 differences between variants can be judged against fp16's own error. ||out - ref|| / ||ref||
+    and max |out - ref| on float pixels in [0, 1], B=2, per scheduler."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    p32 = build(device, torch.float32, tiny)
+    p16 = build(device, half, tiny)
+    rng = np.random.default_rng(0)
+    arc = rng.standard_normal(512).astype(np.float32)
+    ref_img = rng.integers(0, 256, (p32.image_size, p32.image_size, 3), dtype=np.uint8)
+    a32 = p32.make_actor(arc, ref_img, generator=torch.Generator().manual_seed(0))
+    # the fp16 pipeline gets the fp32 actor, cast: only the denoising loop differs
+    from dataclasses import replace
+    a16 = replace(a32, id_embeds=a32.id_embeds.to(half), uncond_embeds=a32.uncond_embeds.to(half),
+                  ref_latent=a32.ref_latent.to(half), bank=a32.bank.to(dtype=half))
+    expr = rng.standard_normal((2, 55)).astype(np.float32)
+    out = {}
+    for mode, call in {"dpm++_cfg_ref": dict(scheduler="dpm++", steps=steps, guidance=3.0, ref_strength=0.8),
+                       "lcm_ref": dict(scheduler="lcm", steps=4, guidance=1.0, ref_strength=0.8)}.items():
+        p32.fuse_loras, p32.reference_state.fast = False, False
+        ref = p32(a32, expr, seed=3, output_type="float", **call)
+        for variant, (fuse, fast) in {"baseline": (False, False), "fused": (True, False),
+                                      "fused_kv": (True, True)}.items():
+            p16.unfuse_loras()
+            p16.fuse_loras, p16.reference_state.fast = fuse, fast
+            got = p16(a16, expr, seed=3, output_type="float", **call)
+            out[f"{mode}/{variant}"] = {"rel_l2": float(np.linalg.norm(got - ref) / np.linalg.norm(ref)),
+                                        "max_abs": float(np.abs(got - ref).max()),
+                                        "mean_abs": float(np.abs(got - ref).mean())}
+            print(f"{mode:14s} {variant:9s} vs fp32: rel L2 {out[f'{mode}/{variant}']['rel_l2']:.2e}  "
+                  f"max {out[f'{mode}/{variant}']['max_abs']:.3f}  mean {out[f'{mode}/{variant}']['mean_abs']:.4f}",
+                  flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"pipeline_accuracy_{'tiny_' if tiny else ''}{device.type}.json",
+               {"half": str(half), "steps": steps, "batch": 2, "vs_fp32": out})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny configs")
@@ -139,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-batches", default="1,8", help="batch sizes for the compiled variant (GPU only)")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="seconds after start past which no further compiled batch is started")
+    ap.add_argument("--accuracy", action="store_true", help="only: each variant in fp16 against fp32, then exit")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -150,6 +191,9 @@ def main(argv=None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in (args.batches or ("1,2" if args.tiny else "1,8,32")).split(",")]
     steps = args.steps or (2 if args.tiny else 25)
+    if args.accuracy:
+        accuracy(device, args.tiny, Path(args.out) if args.out else Path(__file__).resolve().parent / "results", steps)
+        return 0
     repeat_small, repeat_big = (1, 1) if args.tiny else (3, 2)
 
     t = time.perf_counter()
