@@ -191,14 +191,18 @@ def bench_encode(device: str, batch: int, n_batches: int, half: bool) -> dict:
 
 
 def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int,
-                redetect_every: int, decode_ahead: int) -> dict:
+                redetect_every: int, decode_ahead: int, share_frames: bool = True) -> dict:
+    from tracking import tracker
     from tracking.tracker import TrackOptions, track_video
+
+    tracker.SHARE_FRAMES = share_frames
 
     opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames,
                         redetect_every=redetect_every, decode_ahead=decode_ahead)
     track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False, backend_factory=factory)
+    tracker.SHARE_FRAMES = True
     return {"workers": workers, "redetect_every": redetect_every, "decode_ahead": decode_ahead,
-            "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
+            "share_frames": share_frames, "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
 
 
 def bench_tracker(frames: list, factory, redetect_every: int) -> dict:
@@ -308,6 +312,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="frame side in pixels")
     ap.add_argument("--workers", type=int, default=-1, help="detection processes (-1: one per spare core, at least 1)")
     ap.add_argument("--five-point", default=None, help="dlib 5-point model, a stand-in where the 68-point one is missing")
+    ap.add_argument("--transport", action="store_true",
+                    help="only compare how frames reach the workers (pickled vs shared memory), whole tracker")
     ap.add_argument("--tiny", action="store_true", help="smoke run: 24 frames of 256 px, few batches")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -342,7 +348,17 @@ def main() -> None:
     stages["encode_fp32"] = bench_encode(device, encode_batch, n_batches, half=False)
     if device == "cuda":
         stages["encode_fp16"] = bench_encode(device, encode_batch, n_batches, half=True)
-    if factory is not None:
+    if factory is not None and args.transport:
+        torch.manual_seed(0)
+        ckpt = tmp / "SMIRK_random.pt"
+        torch.save({CHECKPOINT_PREFIX + k2: v for k2, v in ExpressionEncoder().state_dict().items()}, ckpt)
+        every, ahead = TrackOptions.redetect_every, TrackOptions.decode_ahead
+        # Alternate the variants, twice each, so that drift on the machine hits both alike.
+        for rep in (1, 2):
+            for tag, share in (("pickled", False), ("shared", True)):
+                stages[f"whole_parallel_{tag}_{rep}"] = bench_whole(clip, ckpt, factory, device, workers, n,
+                                                                    every, ahead, share)
+    elif factory is not None:
         k = min(n, 24 if args.tiny else 100)
         frames = list(open_video(clip).frames(max_frames=k))
         stages["detect"], faces = bench_detect(frames, factory)
@@ -385,7 +401,7 @@ def main() -> None:
         env["load_avg_at_end"] = os.getloadavg()[0]  # other work on the machine skews CPU timings
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "tiny" if args.tiny else device
+    tag = ("tiny" if args.tiny else device) + ("_transport" if args.transport else "")
     out = out_dir / f"tracking_{tag}_{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")

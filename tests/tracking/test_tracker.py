@@ -185,6 +185,45 @@ def test_parallel_chunks_equal_sequential_tracking(decoded):
             np.testing.assert_array_equal(fa.bbox, fb.bbox)
 
 
+def test_parallel_frames_of_other_sizes_and_early_stop(decoded, monkeypatch):
+    """Chunks go through the shared-memory ring; a chunk holding a frame of another size
+    (a folder of mixed images) is pickled instead, with the same faces. A consumer that stops
+    early leaves no shared memory behind."""
+    import dataclasses
+    import functools
+
+    from tracking import tracker as tracker_mod
+    from tracking.faces import DlibBackend
+
+    frames = list(decoded)
+    for i in (11, 12):  # in the second chunk of 9 (cadence 3): 20 rows of black below
+        frames[i] = dataclasses.replace(frames[i], rgb=np.pad(frames[i].rgb, ((0, 20), (0, 0), (0, 0))))
+    shipped = []
+    put = tracker_mod._FrameRing.put
+    monkeypatch.setattr(tracker_mod._FrameRing, "put",
+                        lambda self, rgbs: shipped.append(put(self, rgbs)) or shipped[-1])
+    seq = [faces for _, faces in detect_stream(iter(frames), DlibBackend(), redetect_every=3)]
+    par = [faces for _, faces in detect_stream(iter(frames), None, workers=2, redetect_every=3,
+                                               factory=functools.partial(DlibBackend))]
+    assert [r is None for r in shipped] == [False, True, False]  # chunks 0-8, 9-17, 18-23
+    assert [len(f) for f in par] == [len(f) for f in seq] and sum(map(len, seq)) == N_FRAMES - len(BLANK)
+    for a, b in zip(par, seq):
+        for fa, fb in zip(a, b):
+            np.testing.assert_array_equal(fa.landmarks, fb.landmarks)
+
+    names = []
+    monkeypatch.setattr(tracker_mod._FrameRing, "close",
+                        lambda self, close=tracker_mod._FrameRing.close: names.append(self.shm.name) or close(self))
+    stream = detect_stream(iter(frames), None, workers=2, redetect_every=3, factory=functools.partial(DlibBackend))
+    next(stream)
+    stream.close()
+    assert len(names) == 1
+    from multiprocessing import shared_memory
+
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=names[0])
+
+
 def test_detect_every_frame_option_gives_the_same_invalid_mask(face_video, smirk_path, unsmoothed):
     old = track_video(face_video, smirk_path=smirk_path, progress=False,
                       options=TrackOptions(smoothing="none", redetect_every=1, decode_ahead=0))
