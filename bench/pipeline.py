@@ -23,7 +23,6 @@ the variants give the same frames (fp16 pixel differences against the baseline).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import platform

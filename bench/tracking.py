@@ -19,6 +19,11 @@ turning and zooming, `--size` pixels square, H.264. Stages, each in frames/s:
   model loading and worker start-up included; "old" detects on every frame and decodes in
   the main thread, "new" uses the defaults (detection every 10 frames, decode thread);
 - decode_threads: PyAV decode + RGB conversion with ffmpeg's thread count auto or fixed.
+`--transport`: instead of the per-stage runs, how frames reach the workers: decode +
+detect_stream with a backend that finds nothing (decoding and hand-over only) and with the
+real one at several worker counts, with the main thread's waits; then the whole tracker as
+before 2026-11-24's changes (frames pickled to all-but-one cores' workers, swscale RGB),
+after each change, and with the defaults, alternated three times.
 Smoothing: jitter reduction (still stretches) and lag (cross-correlation) of the default
 zero-phase and One Euro filters on synthetic hold-and-move curves with Gaussian noise.
 
@@ -44,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracking import smoothing as sm  # noqa: E402
-from tracking.faces import DlibBackend, Face, to_rgb_uint8  # noqa: E402
+from tracking.faces import DlibBackend, Face  # noqa: E402
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -130,11 +135,16 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def bench_decode(clip: Path) -> dict:
-    from render.video import open_video
+def bench_decode(clip: Path, opencv_yuv: bool = True) -> dict:
+    from render import video
 
-    n, secs = timed(lambda: sum(1 for _ in open_video(clip)))
-    return {"frames": n, "seconds": secs, "fps": n / secs}
+    fast_rgb = video.frame_to_rgb
+    video.frame_to_rgb = fast_rgb if opencv_yuv else swscale_rgb
+    try:
+        n, secs = timed(lambda: sum(1 for _ in video.open_video(clip)))
+    finally:
+        video.frame_to_rgb = fast_rgb
+    return {"frames": n, "seconds": secs, "fps": n / secs, "opencv_yuv": opencv_yuv}
 
 
 def bench_detect(frames: list, factory) -> tuple[dict, list]:
@@ -159,6 +169,38 @@ def bench_detect_parallel(clip: Path, factory, workers: int, n: int) -> dict:
     count, secs = timed(run, n)
     return {"workers": workers, "frames": count, "seconds": secs, "startup_s": startup,
             "fps": count / secs, "fps_after_startup": count / max(secs - startup, 1e-9)}
+
+
+class NullBackend:
+    """Finds no face, instantly: detect_stream with it measures decoding and handing frames
+    to the workers, nothing else."""
+
+    name = "null"
+
+    def detect(self, image_rgb, timestamp_ms=None):
+        return []
+
+
+def bench_stream(clip: Path, factory, workers: int, n: int, decode_ahead: int) -> dict:
+    """decode (thread when decode_ahead > 0) + detect_stream over `workers` processes, with
+    the main thread's waits: for decoded frames, handing chunks over, for the workers."""
+    from render.video import open_video, prefetch
+    from tracking.tracker import TrackOptions, detect_stream
+
+    stats: dict = {}
+
+    def run(k):
+        frames = open_video(clip).frames(max_frames=k)
+        if decode_ahead:
+            frames = prefetch(frames, decode_ahead)
+        return sum(1 for _ in detect_stream(frames, None, workers=workers, factory=factory,
+                                            redetect_every=TrackOptions.redetect_every, stats=stats))
+
+    _, startup = timed(run, 1)
+    count, secs = timed(run, n)
+    return {"workers": workers, "decode_ahead": decode_ahead, "frames": count, "seconds": secs,
+            "startup_s": startup, "fps": count / secs, "fps_after_startup": count / max(secs - startup, 1e-9),
+            **{k: round(v, 3) for k, v in stats.items()}}
 
 
 def bench_crop(frames: list, faces: list) -> dict:
@@ -190,19 +232,32 @@ def bench_encode(device: str, batch: int, n_batches: int, half: bool) -> dict:
             "seconds": secs, "fps": batch * n_batches / secs}
 
 
+def swscale_rgb(frame) -> np.ndarray:
+    """Decoding as before 2026-11-24: every frame through swscale's rgb24 path."""
+    return frame.to_ndarray(format="rgb24")
+
+
 def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int,
-                redetect_every: int, decode_ahead: int, share_frames: bool = True) -> dict:
+                redetect_every: int, decode_ahead: int, share_frames: bool = True,
+                opencv_yuv: bool = True) -> dict:
+    """track_video end to end. share_frames=False pickles the frames to the workers and
+    opencv_yuv=False converts them with swscale: the tracker as it was before each change."""
+    from render import video
     from tracking import tracker
     from tracking.tracker import TrackOptions, track_video
 
-    tracker.SHARE_FRAMES = share_frames
-
     opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames,
                         redetect_every=redetect_every, decode_ahead=decode_ahead)
-    track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False, backend_factory=factory)
-    tracker.SHARE_FRAMES = True
-    return {"workers": workers, "redetect_every": redetect_every, "decode_ahead": decode_ahead,
-            "share_frames": share_frames, "frames": len(track), "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
+    fast_rgb = video.frame_to_rgb
+    tracker.SHARE_FRAMES, video.frame_to_rgb = share_frames, (fast_rgb if opencv_yuv else swscale_rgb)
+    try:
+        track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False,
+                            backend_factory=factory)
+    finally:
+        tracker.SHARE_FRAMES, video.frame_to_rgb = True, fast_rgb
+    return {"workers": tracker._auto_workers(workers, max_frames), "redetect_every": redetect_every,
+            "decode_ahead": decode_ahead, "share_frames": share_frames, "opencv_yuv": opencv_yuv, "frames": len(track),
+            "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
 
 
 def bench_tracker(frames: list, factory, redetect_every: int) -> dict:
@@ -310,7 +365,7 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--frames", type=int, default=None, help="clip length (default 300 cpu, 1500 cuda)")
     ap.add_argument("--size", type=int, default=512, help="frame side in pixels")
-    ap.add_argument("--workers", type=int, default=-1, help="detection processes (-1: one per spare core, at least 1)")
+    ap.add_argument("--workers", type=int, default=-1, help="detection processes for the per-stage runs (-1: the tracker's automatic count, at least 1)")
     ap.add_argument("--five-point", default=None, help="dlib 5-point model, a stand-in where the 68-point one is missing")
     ap.add_argument("--transport", action="store_true",
                     help="only compare how frames reach the workers (pickled vs shared memory), whole tracker")
@@ -326,7 +381,9 @@ def main() -> None:
     n = args.frames or (24 if args.tiny else (1500 if device == "cuda" else 300))
     size = 256 if args.tiny else args.size
     # Measure the parallel path even where `track` would not pick it (2 cores), to show why.
-    workers = args.workers if args.workers >= 0 else max(1, (os.cpu_count() or 2) - 1)
+    from tracking.tracker import _auto_workers
+
+    workers = args.workers if args.workers >= 0 else max(1, _auto_workers(-1))
     env = environment(device)
     result = {"environment": env, "config": {"frames": n, "size": size, "workers": workers, "tiny": args.tiny}}
 
@@ -341,7 +398,7 @@ def main() -> None:
     from tracking.smirk import CHECKPOINT_PREFIX, ExpressionEncoder
     from tracking.tracker import TrackOptions
 
-    stages = {"decode": bench_decode(clip)}
+    stages = {"decode": bench_decode(clip), "decode_swscale": bench_decode(clip, opencv_yuv=False)}
     result["decode_threads"] = bench_decode_threads(clip, min(n, 500))
     encode_batch = 64 if device == "cuda" else 8
     n_batches = 2 if args.tiny else (20 if device == "cuda" else 8)
@@ -353,11 +410,21 @@ def main() -> None:
         ckpt = tmp / "SMIRK_random.pt"
         torch.save({CHECKPOINT_PREFIX + k2: v for k2, v in ExpressionEncoder().state_dict().items()}, ckpt)
         every, ahead = TrackOptions.redetect_every, TrackOptions.decode_ahead
-        # Alternate the variants, twice each, so that drift on the machine hits both alike.
-        for rep in (1, 2):
-            for tag, share in (("pickled", False), ("shared", True)):
-                stages[f"whole_parallel_{tag}_{rep}"] = bench_whole(clip, ckpt, factory, device, workers, n,
-                                                                    every, ahead, share)
+        stream = {f"null_{workers}w": bench_stream(clip, functools.partial(NullBackend), workers, n, ahead)}
+        for w in sorted({4, 8, workers}):
+            stream[f"faces_{w}w"] = bench_stream(clip, factory, w, n, ahead)
+        for name, r in stream.items():
+            stages[f"stream_{name}"] = r
+        # (tag, workers, shared memory, OpenCV yuv): as before (the old automatic worker count,
+        # all cores but one), each change in turn, and the defaults (half the cores).
+        old_auto = max(1, (os.cpu_count() or 2) - 1)
+        variants = [("before", old_auto, False, False), ("shared", old_auto, True, False),
+                    ("shared_cv", old_auto, True, True), ("default", -1, True, True)]
+        # Alternate the variants, three times each, so that drift on the machine hits all alike.
+        for rep in (1, 2, 3):
+            for tag, w, share, cv in variants:
+                stages[f"whole_{tag}_{rep}"] = bench_whole(clip, ckpt, factory, device, w, n, every, ahead,
+                                                           share, cv)
     elif factory is not None:
         k = min(n, 24 if args.tiny else 100)
         frames = list(open_video(clip).frames(max_frames=k))

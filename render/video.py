@@ -45,6 +45,30 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+# Frame colour tags (FFmpeg's AVColorSpace, AVColorRange) for which OpenCV's I420 -> RGB
+# conversion (BT.601 matrix, limited range) is the right one: untagged, BT.470BG, SMPTE 170M;
+# range untagged or limited.
+_BT601_SPACES = {2, 5, 6}
+_LIMITED_RANGES = {0, 1}
+
+
+def frame_to_rgb(frame) -> np.ndarray:
+    """A decoded PyAV `VideoFrame` -> HxWx3 uint8 RGB, coded orientation (no rotation).
+
+    8-bit 4:2:0 frames of even size tagged BT.601 or untagged, limited range (most H.264
+    files, ours included) are converted by OpenCV from the Y/U/V planes: on the H100 host's
+    and this project's CPUs ~4x faster than swscale's rgb24 path, and without its bias (on an
+    H.264 file of a photo: mean error 1.39 vs 1.81 levels, bias 0.0-0.1 vs -1.0 to -1.2).
+    Everything else (BT.709 and other tags, full range, 10-bit, 4:2:2, 4:4:4, odd sizes)
+    goes through swscale, which honours the frame's colour tags."""
+    if (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
+            and int(frame.colorspace) in _BT601_SPACES and int(frame.color_range) in _LIMITED_RANGES):
+        import cv2
+
+        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
+    return frame.to_ndarray(format="rgb24")
+
+
 def apply_rotation(rgb: np.ndarray, rotation_deg: float) -> np.ndarray:
     """Rotate a decoded HxWx3 frame for display.
 
@@ -151,7 +175,7 @@ class VideoReader:
                     continue
                 if end_s is not None and t >= end_s:
                     break
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = frame_to_rgb(frame)
                 yield float(t), apply_rotation(rgb, getattr(frame, "rotation", 0) or 0)
         finally:
             container.close()
@@ -558,8 +582,6 @@ class _AudioCarrier:
         self.out.mux(packet)
 
     def _encode_one(self) -> None:
-        import av
-
         frame = next(self._frames)
         t0 = frame.time
         if t0 is None:

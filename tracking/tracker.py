@@ -14,9 +14,11 @@ give exactly the faces the sequential run finds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +61,8 @@ class TrackOptions:
     decode_ahead: int = field(default=16, metadata={
         "help": "frames decoded ahead on a background thread (0: decode in the main thread)"})
     detect_workers: int = field(default=-1, metadata={
-        "help": "processes running face detection in parallel (0: none; -1: auto, one per spare core on "
-                "machines with more than 4 cores and clips of 100+ frames)"})
+        "help": "processes running face detection in parallel (0: none; -1: auto, half the cores, at most "
+                "16, on machines with more than 4 cores and clips of 100+ frames)"})
     start: float = field(default=0.0, metadata={"help": "first second of the video to track"})
     end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)"})
     max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames"})
@@ -244,16 +246,40 @@ SHARE_FRAMES = True
 INFLIGHT_BYTES = 1 << 30
 
 
+def _ready() -> bool:
+    return _worker_backend is not None
+
+
+def start_workers(workers: int, factory: Callable[[], object]):
+    """Start `workers` face-finding processes (spawned; each builds its backend with the
+    picklable `factory`) and return the `ProcessPoolExecutor` without waiting for them, so
+    that their start-up (~1 s: imports, model load) overlaps the caller's own (the SMIRK
+    encoder, CUDA). The caller shuts it down (`with` or `.shutdown()`)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(factory,))
+    for _ in range(workers):  # the pool spawns a process per task while none is idle
+        pool.submit(_ready)
+    return pool
+
+
 def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
-                  factory: Callable[[], object] | None = None,
-                  redetect_every: int = 1) -> Iterator[tuple[VideoFrame, list]]:
+                  factory: Callable[[], object] | None = None, redetect_every: int = 1,
+                  pool=None, stats: dict | None = None) -> Iterator[tuple[VideoFrame, list]]:
     """Yield (frame, faces) in frame order, faces from a `FaceTracker(backend,
     redetect_every)` fed every frame. workers > 0: the frames go in chunks of a multiple of
     `redetect_every` frames (each starting on a detection frame) to that many processes,
-    each building its own backend with the picklable `factory`; at most about two chunks a
-    worker (and INFLIGHT_BYTES) are in flight, so memory stays bounded. The faces equal the
-    sequential run's, except with MediaPipe, which runs in its video mode (landmarks
-    tracked between frames) only sequentially; in workers each frame is detected alone."""
+    `pool` (from `start_workers`) or a pool started here with the picklable `factory`. Chunks
+    travel through a shared-memory ring (only their slot numbers are pickled); at most about
+    two chunks a worker (and INFLIGHT_BYTES) are in flight, so memory stays bounded. The
+    faces equal the sequential run's, except with MediaPipe, which runs in its video mode
+    (landmarks tracked between frames) only sequentially; in workers each frame is detected
+    alone. stats: a dict that, with workers, receives seconds the caller's thread spent
+    waiting for input frames (`input_wait_s`), handing chunks over (`submit_s`) and waiting
+    for workers (`worker_wait_s`), for benchmarks."""
     if workers <= 0:
         tracker = FaceTracker(backend, redetect_every)
         last_ms = -1
@@ -262,57 +288,74 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
             last_ms = ms
             yield frame, tracker(frame.rgb, frame.index, ms if backend.name == "mediapipe" else None)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    if pool is None:
+        if factory is None:
+            raise ValueError("parallel detection needs a backend factory or a pool")
+        with start_workers(workers, factory) as own_pool:
+            yield from detect_stream(frames, backend, workers=workers, redetect_every=redetect_every,
+                                     pool=own_pool, stats=stats)
+        return
+    from concurrent.futures import wait
 
-    if factory is None:
-        raise ValueError("parallel detection needs a backend factory")
     every = max(1, int(redetect_every))
     chunk_len = every * -(-8 // every)  # >= 8 frames a task: fewer round trips
-    # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
-    ctx = mp.get_context("spawn")
     ring: _FrameRing | None = None
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(factory,)) as pool:
-        window: deque = deque()
-        max_chunks = 0
-        chunk: list[VideoFrame] = []
+    window: deque = deque()
+    max_chunks = 0
+    chunk: list[VideoFrame] = []
+    clock = {"input_wait_s": 0.0, "submit_s": 0.0, "worker_wait_s": 0.0}
+    if stats is not None:
+        stats.update(clock)
+        clock = stats
 
-        def submit() -> None:
-            nonlocal max_chunks, ring
-            rgbs = [f.rgb for f in chunk]
-            if ring is None:
-                nbytes = max(sum(r.nbytes for r in rgbs), 1)
-                max_chunks = max(workers + 1, min(2 * workers, INFLIGHT_BYTES // nbytes))
-                # Frames of the first chunk's shape travel through shared memory; others (a
-                # folder of images of several sizes) are pickled.
-                ring = _FrameRing(max_chunks, chunk_len, rgbs[0].shape)
-            ref = (ring.put(rgbs) if SHARE_FRAMES else None) or rgbs
-            window.append((list(chunk), ref, pool.submit(_faces_for_chunk, [f.index for f in chunk], ref, every)))
-            chunk.clear()
+    def submit() -> None:
+        nonlocal max_chunks, ring
+        t0 = time.perf_counter()
+        rgbs = [f.rgb for f in chunk]
+        if ring is None:
+            nbytes = max(sum(r.nbytes for r in rgbs), 1)
+            max_chunks = max(workers + 1, min(2 * workers, INFLIGHT_BYTES // nbytes))
+            # Frames of the first chunk's shape travel through shared memory; others (a
+            # folder of images of several sizes) are pickled.
+            ring = _FrameRing(max_chunks, chunk_len, rgbs[0].shape)
+        ref = (ring.put(rgbs) if SHARE_FRAMES else None) or rgbs
+        window.append((list(chunk), ref, pool.submit(_faces_for_chunk, [f.index for f in chunk], ref, every)))
+        chunk.clear()
+        clock["submit_s"] += time.perf_counter() - t0
 
-        def collect():
-            done, ref, fut = window.popleft()
-            faces = fut.result()
-            ring.release(ref)
-            return zip(done, faces)
+    def collect():
+        done, ref, fut = window.popleft()
+        t0 = time.perf_counter()
+        faces = fut.result()
+        clock["worker_wait_s"] += time.perf_counter() - t0
+        ring.release(ref)
+        return zip(done, faces)
 
-        try:
-            for frame in frames:
-                if chunk and frame.index % chunk_len == 0:
-                    submit()
-                    while len(window) >= max_chunks:
-                        yield from collect()
-                chunk.append(frame)
-            if chunk:
+    try:
+        frames = iter(frames)
+        while True:
+            t0 = time.perf_counter()
+            frame = next(frames, None)
+            clock["input_wait_s"] += time.perf_counter() - t0
+            if frame is None:
+                break
+            if chunk and frame.index % chunk_len == 0:
                 submit()
-            while window:
-                yield from collect()
-        finally:
-            if ring is not None:
-                for _, _, fut in window:  # stop queued work before its frames go away
-                    fut.cancel()
-                pool.shutdown(wait=True)
-                ring.close()
+                while len(window) >= max_chunks:
+                    yield from collect()
+            chunk.append(frame)
+        if chunk:
+            submit()
+        while window:
+            yield from collect()
+    finally:
+        if ring is not None:
+            # Stopped early or failed: no worker may read a slot after the ring is gone.
+            futures = [fut for _, _, fut in window]
+            for fut in futures:
+                fut.cancel()
+            wait(futures)
+            ring.close()
 
 
 # Worker processes take a second or two to start and cost a frame copy each; below these,
@@ -322,14 +365,17 @@ AUTO_WORKERS_MIN_FRAMES = 100
 
 
 def _auto_workers(requested: int, n_frames: int | None = None) -> int:
-    """Detection processes to use: `requested` if >= 0, else one per spare core when the
-    machine has at least AUTO_WORKERS_MIN_CORES cores and the clip is long enough."""
+    """Detection processes to use: `requested` if >= 0, else half the cores (at most 16)
+    when the machine has at least AUTO_WORKERS_MIN_CORES cores and the clip is long enough.
+    Half, not all but one: the rest decode (FFmpeg's threads), convert, crop and feed the
+    encoder; on a 16-core H100 host 6-12 workers beat 15 by 5-10% and 8 was best
+    (bench/results/tracking_cuda_transport_2026-11-24.json)."""
     if requested >= 0:
         return requested
     cores = os.cpu_count() or 1
     if cores < AUTO_WORKERS_MIN_CORES or (n_frames is not None and 0 < n_frames < AUTO_WORKERS_MIN_FRAMES):
         return 0
-    return min(cores - 1, 32)
+    return max(1, min(cores // 2, 16))
 
 
 def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
@@ -359,8 +405,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     """
     import torch
 
-    from tracking.faces import follow_subject
-    from tracking.smirk import load_smirk_encoder, weights_identity
+    from tracking.smirk import load_smirk_encoder
 
     options = options or TrackOptions()
     smoothing = options.smoothing_params()
@@ -370,9 +415,26 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     reader = open_video(path, fps=options.image_fps)
     device = resolve_device(options.device)
     batch_size = options.batch_size or (64 if device == "cuda" else 8)
-    encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
+    total = reader.frame_count or None
+    if options.max_frames is not None and total:
+        total = min(total, options.max_frames)
+    workers = _auto_workers(options.detect_workers, total)
     factory = backend_factory or default_backend_factory(landmarker_path)
-    backend = factory()
+    # Workers start first: their start-up overlaps loading the encoder (and CUDA's).
+    with start_workers(workers, factory) if workers > 0 else contextlib.nullcontext() as pool:
+        encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
+        backend = factory()
+        return _track(path, reader, options, smoothing, smirk_path, encoder, device, batch_size, backend, pool,
+                      workers, total, progress)
+
+
+def _track(path: Path, reader, options: TrackOptions, smoothing: dict, smirk_path, encoder, device: str,
+           batch_size: int, backend, pool, workers: int, total: int | None, progress: bool) -> Track:
+    """track_video's loop, once the encoder, the backend and the workers (`pool`) are up."""
+    import torch
+
+    from tracking.faces import follow_subject
+    from tracking.smirk import weights_identity
 
     times: list[float] = []
     raw_rows: list[np.ndarray] = []
@@ -390,10 +452,6 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
 
     from tqdm import tqdm
 
-    total = reader.frame_count or None
-    if options.max_frames is not None and total:
-        total = min(total, options.max_frames)
-    workers = _auto_workers(options.detect_workers, total)
     bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress, dynamic_ncols=True)
     previous, last_seen = None, None
     nan_row = np.full(N_PARAMS, np.nan, np.float32)
@@ -406,7 +464,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
         if options.decode_ahead > 0:
             frames = prefetch(frames, options.decode_ahead)
-        for frame, faces in detect_stream(frames, backend, workers=workers, factory=factory,
+        for frame, faces in detect_stream(frames, backend, workers=workers, pool=pool,
                                           redetect_every=options.redetect_every):
             if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
                 previous = None

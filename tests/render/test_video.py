@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from render.errors import RetargetError
-from render.video import VideoWriter, apply_rotation, open_video
+from render.video import VideoWriter, apply_rotation, frame_to_rgb, open_video
 
 RATE = 44100
 AAC_FRAME_S = 1024 / RATE  # one AAC frame: the tolerance for audio durations
@@ -325,3 +325,47 @@ def test_prefetch_passes_errors_on_and_stops_when_the_caller_stops():
     assert not any(t.name == "video-prefetch" for t in threading.enumerate())
     with pytest.raises(ValueError):
         next(prefetch(iter([1]), depth=0))
+
+
+def _astronaut_video(path: Path, **stream_attrs) -> np.ndarray:
+    """A 3-frame lossless (crf 0) H.264 yuv420p file of the astronaut; returns the source RGB."""
+    from skimage import data
+
+    img = data.astronaut()
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 512, 512, "yuv420p", {"crf": "0"}
+        for k, v in stream_attrs.items():
+            setattr(s.codec_context, k, v)
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return img
+
+
+def test_yuv420_frames_convert_without_bias(tmp_path):
+    """BT.601 / untagged 4:2:0 frames go through OpenCV: within 3 levels of swscale's rgb24,
+    closer to the source picture than swscale, and unbiased (swscale's path is ~1 level dark);
+    what open_video yields is exactly frame_to_rgb."""
+    src = _astronaut_video(tmp_path / "a.mp4").astype(int)
+    with av.open(str(tmp_path / "a.mp4")) as c:
+        frame = next(c.decode(video=0))
+        fast, slow = frame_to_rgb(frame).astype(int), frame.to_ndarray(format="rgb24").astype(int)
+    assert np.abs(fast - slow).max() <= 3
+    assert np.abs(fast - src).mean() < np.abs(slow - src).mean()
+    assert np.abs((fast - src).mean(axis=(0, 1))).max() < 0.3
+    np.testing.assert_array_equal(next(iter(open_video(tmp_path / "a.mp4"))).rgb, fast)
+
+
+def test_other_colour_tags_go_through_swscale(tmp_path):
+    """BT.709-tagged frames: swscale honours the tag (the BT.601 matrix would be off by up to
+    ~16 levels on saturated colours), so frame_to_rgb must equal its rgb24 output."""
+    _astronaut_video(tmp_path / "b.mp4", colorspace=1, color_primaries=1, color_trc=1)
+    with av.open(str(tmp_path / "b.mp4")) as c:
+        frame = next(c.decode(video=0))
+        assert int(frame.colorspace) == 1
+        np.testing.assert_array_equal(frame_to_rgb(frame), frame.to_ndarray(format="rgb24"))
+        bt601 = frame.reformat(format="rgb24", src_colorspace=5).to_ndarray()
+    assert np.abs(frame_to_rgb(frame).astype(int) - bt601).max() > 8
