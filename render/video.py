@@ -58,8 +58,8 @@ def frame_to_rgb(frame) -> np.ndarray:
     8-bit 4:2:0 frames of even size tagged BT.601 or untagged, limited range (most H.264
     files, ours included) are converted by OpenCV from the Y/U/V planes: decoding with it ran
     4-6x faster than with swscale's rgb24 path on the H100 host and 1.5x here (2 cores), and
-    it lacks swscale's bias (on an
-    H.264 file of a photo: mean error 1.39 vs 1.81 levels, bias 0.0-0.1 vs -1.0 to -1.2).
+    it lacks swscale's bias (on an H.264 file of a photo: mean error 1.39 vs 1.81 levels,
+    bias 0.0-0.1 vs -1.0 to -1.2).
     Everything else (BT.709 and other tags, full range, 10-bit, 4:2:2, 4:4:4, odd sizes)
     goes through swscale, which honours the frame's colour tags."""
     if (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
