@@ -369,7 +369,7 @@ def _auto_workers(requested: int, n_frames: int | None = None) -> int:
     when the machine has at least AUTO_WORKERS_MIN_CORES cores and the clip is long enough.
     Half, not all but one: the rest decode (FFmpeg's threads), convert, crop and feed the
     encoder; on a 16-core H100 host 6-12 workers beat 15 by 5-10% and 8 was best
-    (bench/results/tracking_cuda_transport_2026-11-24.json)."""
+    (bench/results/tracking_cuda_transport_2026-11-24_c_workers.json)."""
     if requested >= 0:
         return requested
     cores = os.cpu_count() or 1
@@ -386,6 +386,48 @@ def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
     from tracking.align import smirk_crop
 
     return smirk_crop(rgb, face.landmarks, size=224, scale=1.4)[0]
+
+
+def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_size: int,
+                    on_frame: Callable[[int], object]) -> tuple[list[float], list[np.ndarray], list[bool]]:
+    """Follow the subject through `stream` ((frame, faces) in order, from detect_stream) and
+    SMIRK-encode its crops in batches of `batch_size`. Returns per frame: time in seconds,
+    the 55-d float32 vector (NaN where the subject was not found) and whether it was found.
+    `on_frame(1)` is called after each frame (a progress bar's update)."""
+    from tracking.faces import follow_subject
+
+    times: list[float] = []
+    raw_rows: list[np.ndarray] = []
+    valid: list[bool] = []
+    crops: list[np.ndarray] = []
+    crop_rows: list[int] = []
+
+    def flush() -> None:
+        if crops:
+            out = encoder.encode(np.stack(crops))
+            for row, vec in zip(crop_rows, out):
+                raw_rows[row] = vec
+            crops.clear()
+            crop_rows.clear()
+
+    previous, last_seen = None, None
+    nan_row = np.full(N_PARAMS, np.nan, np.float32)
+    for frame, faces in stream:
+        if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
+            previous = None
+        face = follow_subject(faces, previous)
+        times.append(frame.time_s)
+        raw_rows.append(nan_row)
+        valid.append(face is not None)
+        if face is not None:
+            crops.append(encoder_crop(frame.rgb, face))
+            crop_rows.append(len(raw_rows) - 1)
+            previous, last_seen = face, frame.time_s
+            if len(crops) >= batch_size:
+                flush()
+        on_frame(1)
+    flush()
+    return times, raw_rows, valid
 
 
 # -- the whole run ----------------------------------------------------------------------------
@@ -405,7 +447,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     """
     import torch
 
-    from tracking.smirk import load_smirk_encoder
+    from tracking.smirk import load_smirk_encoder, weights_identity
 
     options = options or TrackOptions()
     smoothing = options.smoothing_params()
@@ -420,71 +462,31 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         total = min(total, options.max_frames)
     workers = _auto_workers(options.detect_workers, total)
     factory = backend_factory or default_backend_factory(landmarker_path)
+    from tqdm import tqdm
+
     # Workers start first: their start-up overlaps loading the encoder (and CUDA's).
     with start_workers(workers, factory) if workers > 0 else contextlib.nullcontext() as pool:
         encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
         backend = factory()
-        return _track(path, reader, options, smoothing, smirk_path, encoder, device, batch_size, backend, pool,
-                      workers, total, progress)
-
-
-def _track(path: Path, reader, options: TrackOptions, smoothing: dict, smirk_path, encoder, device: str,
-           batch_size: int, backend, pool, workers: int, total: int | None, progress: bool) -> Track:
-    """track_video's loop, once the encoder, the backend and the workers (`pool`) are up."""
-    import torch
-
-    from tracking.faces import follow_subject
-    from tracking.smirk import weights_identity
-
-    times: list[float] = []
-    raw_rows: list[np.ndarray] = []
-    valid: list[bool] = []
-    crops: list[np.ndarray] = []
-    crop_rows: list[int] = []
-
-    def flush() -> None:
-        if crops:
-            out = encoder.encode(np.stack(crops))
-            for row, vec in zip(crop_rows, out):
-                raw_rows[row] = vec
-            crops.clear()
-            crop_rows.clear()
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress, dynamic_ncols=True)
-    previous, last_seen = None, None
-    nan_row = np.full(N_PARAMS, np.nan, np.float32)
-    torch_threads = torch.get_num_threads()
-    if device == "cpu" and workers > 0:
-        # Leave the detection workers their cores: OpenMP threads competing with them for a
-        # core spin and slow the encoder several times over (seen on 2 cores).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    try:
-        frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
-        if options.decode_ahead > 0:
-            frames = prefetch(frames, options.decode_ahead)
-        for frame, faces in detect_stream(frames, backend, workers=workers, pool=pool,
-                                          redetect_every=options.redetect_every):
-            if previous is not None and last_seen is not None and frame.time_s - last_seen > REACQUIRE_AFTER_S:
-                previous = None
-            face = follow_subject(faces, previous)
-            times.append(frame.time_s)
-            raw_rows.append(nan_row)
-            valid.append(face is not None)
-            if face is not None:
-                crops.append(encoder_crop(frame.rgb, face))
-                crop_rows.append(len(raw_rows) - 1)
-                previous, last_seen = face, frame.time_s
-                if len(crops) >= batch_size:
-                    flush()
-            bar.update(1)
-        flush()
-    except torch.cuda.OutOfMemoryError:
-        raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
-    finally:
-        bar.close()
-        torch.set_num_threads(torch_threads)
+        bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress,
+                   dynamic_ncols=True)
+        torch_threads = torch.get_num_threads()
+        if device == "cpu" and workers > 0:
+            # Leave the detection workers their cores: OpenMP threads competing with them for a
+            # core spin and slow the encoder several times over (seen on 2 cores).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+        try:
+            frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
+            if options.decode_ahead > 0:
+                frames = prefetch(frames, options.decode_ahead)
+            stream = detect_stream(frames, backend, workers=workers, pool=pool,
+                                   redetect_every=options.redetect_every)
+            times, raw_rows, valid = _encode_subject(stream, encoder, batch_size, bar.update)
+        except torch.cuda.OutOfMemoryError:
+            raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
+        finally:
+            bar.close()
+            torch.set_num_threads(torch_threads)
 
     valid_arr = np.array(valid, dtype=bool)
     times_arr = np.array(times, dtype=np.float64)
