@@ -33,6 +33,7 @@ Writes bench/results/tracking_<device>_<date>.json (or --out-dir) and prints a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -135,15 +136,31 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def bench_decode(clip: Path, opencv_yuv: bool = True) -> dict:
+def swscale_rgb(frame) -> np.ndarray:
+    """Decoding as before 2026-11-24: every frame through swscale's rgb24 path."""
+    return frame.to_ndarray(format="rgb24")
+
+
+@contextlib.contextmanager
+def tracker_as(opencv_yuv: bool = True, share_frames: bool = True):
+    """Inside: decoding converts with OpenCV (or swscale, as before) and frames reach the
+    workers through shared memory (or pickled, as before); the defaults are restored after."""
     from render import video
+    from tracking import tracker
 
     fast_rgb = video.frame_to_rgb
-    video.frame_to_rgb = fast_rgb if opencv_yuv else swscale_rgb
+    tracker.SHARE_FRAMES, video.frame_to_rgb = share_frames, (fast_rgb if opencv_yuv else swscale_rgb)
     try:
-        n, secs = timed(lambda: sum(1 for _ in video.open_video(clip)))
+        yield
     finally:
-        video.frame_to_rgb = fast_rgb
+        tracker.SHARE_FRAMES, video.frame_to_rgb = True, fast_rgb
+
+
+def bench_decode(clip: Path, opencv_yuv: bool = True) -> dict:
+    from render.video import open_video
+
+    with tracker_as(opencv_yuv):
+        n, secs = timed(lambda: sum(1 for _ in open_video(clip)))
     return {"frames": n, "seconds": secs, "fps": n / secs, "opencv_yuv": opencv_yuv}
 
 
@@ -232,30 +249,19 @@ def bench_encode(device: str, batch: int, n_batches: int, half: bool) -> dict:
             "seconds": secs, "fps": batch * n_batches / secs}
 
 
-def swscale_rgb(frame) -> np.ndarray:
-    """Decoding as before 2026-11-24: every frame through swscale's rgb24 path."""
-    return frame.to_ndarray(format="rgb24")
-
-
 def bench_whole(clip: Path, ckpt: Path, factory, device: str, workers: int, max_frames: int,
                 redetect_every: int, decode_ahead: int, share_frames: bool = True,
                 opencv_yuv: bool = True) -> dict:
     """track_video end to end. share_frames=False pickles the frames to the workers and
     opencv_yuv=False converts them with swscale: the tracker as it was before each change."""
-    from render import video
-    from tracking import tracker
-    from tracking.tracker import TrackOptions, track_video
+    from tracking.tracker import TrackOptions, _auto_workers, track_video
 
     opts = TrackOptions(device=device, detect_workers=workers, max_frames=max_frames,
                         redetect_every=redetect_every, decode_ahead=decode_ahead)
-    fast_rgb = video.frame_to_rgb
-    tracker.SHARE_FRAMES, video.frame_to_rgb = share_frames, (fast_rgb if opencv_yuv else swscale_rgb)
-    try:
+    with tracker_as(opencv_yuv, share_frames):
         track, secs = timed(track_video, clip, smirk_path=ckpt, options=opts, progress=False,
                             backend_factory=factory)
-    finally:
-        tracker.SHARE_FRAMES, video.frame_to_rgb = True, fast_rgb
-    return {"workers": tracker._auto_workers(workers, max_frames), "redetect_every": redetect_every,
+    return {"workers": _auto_workers(workers, max_frames), "redetect_every": redetect_every,
             "decode_ahead": decode_ahead, "share_frames": share_frames, "opencv_yuv": opencv_yuv, "frames": len(track),
             "valid": int(track.valid.sum()), "seconds": secs, "fps": len(track) / secs}
 
@@ -273,7 +279,8 @@ def bench_tracker(frames: list, factory, redetect_every: int) -> dict:
 
 
 def bench_decode_threads(clip: Path, n: int) -> dict:
-    """PyAV decode + RGB conversion of n frames with ffmpeg's thread count 0 (auto) or fixed."""
+    """PyAV decode + swscale rgb24 conversion of n frames with ffmpeg's thread count 0 (auto)
+    or fixed."""
     import av
 
     out = {}
@@ -368,7 +375,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1, help="detection processes for the per-stage runs (-1: the tracker's automatic count, at least 1)")
     ap.add_argument("--five-point", default=None, help="dlib 5-point model, a stand-in where the 68-point one is missing")
     ap.add_argument("--transport", action="store_true",
-                    help="only compare how frames reach the workers (pickled vs shared memory), whole tracker")
+                    help="instead of the per-stage runs: decode + hand-over to the workers, worker counts, and "
+                         "the whole tracker before and after each of 2026-11-24's changes")
     ap.add_argument("--tiny", action="store_true", help="smoke run: 24 frames of 256 px, few batches")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
