@@ -68,7 +68,9 @@ def test_expression_changes_output(pipe, actor, expressions):
     out = pipe(actor, np.stack([expressions[0], expressions[1], expressions[0]]), seed=2, steps=STEPS,
                ref_strength=0, output_type="float")
     assert np.abs(out[0] - out[1]).max() > 1e-3
-    np.testing.assert_allclose(out[0], out[2], atol=1e-6, rtol=0)
+    # Same vector in batch rows 0 and 2: equal up to the fp32 summation order of the row
+    # (seen: 2e-6 on pixels in [0, 1] on AMD EPYC); two orders of magnitude under the 1e-3 above.
+    np.testing.assert_allclose(out[0], out[2], atol=1e-5, rtol=0)
 
 
 def test_unconditional_half_does_not_leak(pipe, actor, expressions):

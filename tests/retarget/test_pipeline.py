@@ -55,7 +55,10 @@ def test_per_frame_noise_depends_on_frame_index_only(pipe, actor, expressions):
     assert np.abs(batch[0] - batch[1]).max() > 1e-3
     np.testing.assert_allclose(pipe(actor, same[:1], frame_indices=[11], **kw)[0], batch[1], atol=BATCH_ATOL, rtol=0)
     shared = pipe(actor, same, seed=3, steps=STEPS, output_type="float")
-    np.testing.assert_allclose(shared[0], shared[2], atol=1e-6, rtol=0)
+    # Rows 0 and 2 of one batch are equal by design, but fp32 GEMMs may sum each row in another
+    # order (seen: 2e-6 on pixels in [0, 1] on AMD EPYC); 1e-5 is well under the 1e-3 that
+    # separates frames with different noise above.
+    np.testing.assert_allclose(shared[0], shared[2], atol=1e-5, rtol=0)
 
 
 def test_lcm_mode(pipe, actor, expressions):

@@ -108,7 +108,10 @@ def test_smoothed_track_keeps_raw_and_round_trips(face_video, smirk_path, unsmoo
     part = track_video(face_video, smirk_path=smirk_path, progress=False,
                        options=TrackOptions(smoothing="none", start=0.4, max_frames=5))
     np.testing.assert_allclose(part.times, np.arange(10, 15) / FPS, atol=1e-6)
-    np.testing.assert_array_equal(part.raw, unsmoothed.raw[10:15])
+    # A 5-frame run encodes in one batch of 5, the whole clip in batches of 8: fp32 convolutions
+    # sum in another order with the batch shape and the CPU's instruction set (seen: 2e-5 on
+    # parameters of order 1), so compare within 1e-4 rather than bit for bit.
+    np.testing.assert_allclose(part.raw, unsmoothed.raw[10:15], rtol=0, atol=1e-4)
 
 
 def test_parallel_detection_equals_sequential(face_video, smirk_path, unsmoothed):
