@@ -71,7 +71,8 @@ class Preset:
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "name": self.name, "note": self.note, "source": self.source,
                 "created": self.created, "weights_id": self.weights_id,
-                "params": [float(v) for v in np.asarray(self.params, np.float32)]}
+                # the shortest decimals that read back as the same float32 values
+                "params": [float(str(np.float32(v))) for v in np.asarray(self.params, np.float32)]}
 
     def summary(self) -> str:
         """'jaw 0.25 open, eyelids 0.00/0.00, |expression| 1.23'."""

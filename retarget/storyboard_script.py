@@ -229,7 +229,7 @@ def resolved_document(script: Script, params: np.ndarray, options, *, columns: i
     for panel, p in zip(script.panels, params):
         s = effective(panel, script, options)
         entry = {"caption": panel.caption, "from": panel.origin,
-                 "source": {"params": [float(v) for v in np.asarray(p, np.float32)]},
+                 "source": {"params": _Flow(exact_floats(p))},
                  "seed": int(s["seed"]), "exp_scale": float(s["exp_scale"]), "ref_strength": float(s["ref_strength"])}
         if s["gain"]:
             entry["gain"] = s["gain"]
@@ -237,12 +237,26 @@ def resolved_document(script: Script, params: np.ndarray, options, *, columns: i
     return doc
 
 
+class _Flow(list):
+    """A list written on one line ([a, b, c]) in the resolved script."""
+
+
+def exact_floats(values) -> list[float]:
+    """float32 values as the shortest decimals that read back as the same float32 (str of
+    np.float32), so a resolved script is short and re-renders bit-identically."""
+    return [float(str(np.float32(v))) for v in np.asarray(values, np.float32).ravel()]
+
+
 def write_yaml(path: Path, doc: dict, header: str = "") -> Path:
     import yaml
 
     from render.files import atomic_open
 
-    text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(_Flow, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    text = yaml.dump(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(header + text)
     return path

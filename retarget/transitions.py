@@ -18,7 +18,6 @@ diffusion pipeline loads.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -162,10 +161,3 @@ def describe_keys(keyfile: KeyFile) -> str:
     holds = sum(1 for k in keyfile.keys if k.hold_s > 0)
     return (f"{keyfile.name}: {len(keyfile.keys)} keyframes, {keyfile.keys[0].time_s:g}-"
             f"{last.time_s + last.hold_s:g} s" + (f" ({holds} with a hold)" if holds else ""))
-
-
-def keyframes_json(keyframes: list) -> str:
-    """Resolved keyframes as keyframe-file JSON ({"time", "hold", "source": {"params": [...]}}),
-    re-rendering the same transition without the pictures."""
-    return json.dumps([{"time": k.time_s, **({"hold": k.hold_s} if k.hold_s else {}),
-                        "source": {"params": [float(v) for v in k.params]}} for k in keyframes], indent=1)

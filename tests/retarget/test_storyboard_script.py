@@ -113,3 +113,14 @@ def test_outputs_never_overwrite_an_input(inputs, tiny_weights, tmp_path, capsys
     (d / "s.yaml").write_text("panels: [panel_01.png]")
     assert _run(inputs, tiny_weights, d / "s.yaml", d) == 1
     assert "panel_01.png would overwrite an input" in capsys.readouterr().err
+
+
+def test_resolved_numbers_read_back_as_the_same_float32(tmp_path):
+    from retarget.storyboard_script import _Flow, exact_floats, write_yaml
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 3, 40), [1e-8, -3e-12, 123456.78, 0.0, 1.0, 2.5e20]]).astype(np.float32)
+    write_yaml(tmp_path / "x.yaml", {"params": _Flow(exact_floats(v))})
+    text = (tmp_path / "x.yaml").read_text()
+    assert text.startswith("params: [")  # a flow list, a few lines rather than 55
+    np.testing.assert_array_equal(np.float32(yaml.safe_load(text)["params"]), v)
