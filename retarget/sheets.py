@@ -104,7 +104,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     parameters as a track file beside it (`transition_track_path(out)`, track file v1).
     Every key is checked and every picture tracked before the diffusion pipeline loads."""
     from retarget.run import RENDER_WEIGHTS
-    from retarget.sources import check_sources
+    from retarget.sources import check_sources, input_paths
     from retarget.transitions import (
         describe_keys, load_keys, resolve_keys, transition_track, transition_track_path,
     )
@@ -122,8 +122,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     sources = [k.source for k in keyfile.keys]
     check_sources(sources)
     track_path = transition_track_path(out)
-    inputs = {p.resolve() for p in [actor_path] + [s.path for s in sources if s.path is not None]
-              + ([keyfile.path] if keyfile.path else [])}
+    inputs = {p.resolve() for p in [actor_path, *input_paths(sources)] + ([keyfile.path] if keyfile.path else [])}
     for written in (out, track_path):
         if written.resolve() in inputs:
             raise RetargetError(f"-o {out}: {written} is an input; choose another output name")

@@ -284,7 +284,7 @@ def render_script(actor_path: str | os.PathLike, script: Script, out_dir: str | 
     """
     from render.storyboard import save_image, storyboard
     from retarget.run import RENDER_WEIGHTS, RunOptions, check_writable, pipe_paste, prepare_rendering, read_image
-    from retarget.sources import check_sources, resolve_sources
+    from retarget.sources import check_sources, input_paths, resolve_sources
     from retarget.weights import WeightsLayout
 
     t0 = time.perf_counter()
@@ -297,9 +297,7 @@ def render_script(actor_path: str | os.PathLike, script: Script, out_dir: str | 
     check_sources(sources)
     actor_rgb = read_image(actor_path, "actor photo")
     outputs = script_outputs(script, out_dir)
-    inputs = {p.resolve() for p in [actor_path] + [s.path for s in sources if s.path is not None]}
-    if script.path is not None:
-        inputs.add(script.path.resolve())
+    inputs = {p.resolve() for p in [actor_path, *input_paths(sources)] + ([script.path] if script.path else [])}
     for out in outputs:
         if out.resolve() in inputs:
             raise RetargetError(f"-o {out_dir}: {out.name} would overwrite an input ({out}); choose another folder")
