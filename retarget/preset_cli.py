@@ -93,11 +93,15 @@ def plot_preset(preset: Preset, path: str | os.PathLike) -> Path:
         raise RetargetError(f"--plot {path}: use a .png name")
     p = np.asarray(preset.params, np.float64)
     fig, ax = plt.subplots(figsize=(11, 3.2), dpi=100)
-    colours = ["#4c72b0"] * 50 + ["#55a868"] * 2 + ["#c44e52"] * 3
-    ax.bar(np.arange(55), p, color=colours)
+    x = np.arange(55)
+    for sl, colour, label in ((slice(0, 50), "#4c72b0", "expression 0-49"), (slice(50, 52), "#55a868", "eyelids"),
+                              (slice(52, 55), "#c44e52", "jaw (rad)")):
+        ax.bar(x[sl], p[sl], color=colour, label=label)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks([0, 10, 20, 30, 40, 50, 52])
-    ax.set_xticklabels(["exp 0", "10", "20", "30", "40", "eyelids", "jaw"])
+    ax.set_xticks([0, 10, 20, 30, 40, 50.5, 53])
+    ax.set_xticklabels(["0", "10", "20", "30", "40", "lids", "jaw"])
+    ax.set_xlim(-1, 55)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_title(f"preset {preset.name}" + (f": {preset.note}" if preset.note and not preset.builtin else ""))
     fig.tight_layout()
     buf = io.BytesIO()
