@@ -11,6 +11,7 @@ A source is what a user writes wherever an expression is wanted (storyboard pane
 | `drive.track.npz#40`, `drive.track.npz@1.25` | track | that row of the track's `params` (nearest time) |
 | `jaw_open` (letters, digits, `_`, `-`) | preset | a built-in or user preset (retarget.presets) |
 | `{"jaw": 0.2, "expression": {"3": 1.5}}` | numbers | neutral with those values (keyframe-file format), or `{"params": [55 numbers]}` |
+| `{"preset": "smirk", "eyelids": 1}` | preset | a preset with those values written over it |
 
 Three steps, so that every mistake is reported before any model loads:
 
@@ -44,7 +45,7 @@ PHOTO, CLIP, TRACK, PRESET, NUMBERS = "photo", "clip", "track", "preset", "numbe
 KINDS = (PHOTO, CLIP, TRACK, PRESET, NUMBERS)
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 TRACK_EXTENSION = ".npz"
-NUMBER_KEYS = ("params", "expression", "eyelids", "jaw")
+NUMBER_KEYS = ("preset", "params", "expression", "eyelids", "jaw")
 HELP = ("a photo (smile.jpg), a clip moment (clip.mp4@1.25 seconds or clip.mp4#40 frame), a track file row "
         "(drive.track.npz#40 or @1.25), a preset name, or numbers ({\"jaw\": 0.2, \"expression\": {\"3\": 1.5}})")
 
@@ -62,7 +63,8 @@ class Source:
     kind: one of KINDS. text: the source as written (numbers as compact JSON). where: the
     context for messages ("panel 3"). path: the file (photo, clip, track), already joined with
     the `base` folder. time_s / frame: the moment of a clip or track (one of them). name: the
-    preset name. params: (55,) float32 for numbers. spec: what was parsed (str or dict), to
+    preset name. params: (55,) float32 for numbers. overrides: number fields written over a
+    preset's values ({"preset": ..., "eyelids": 1}). spec: what was parsed (str or dict), to
     write back into scripts.
     """
 
@@ -75,6 +77,7 @@ class Source:
     name: str | None = None
     params: np.ndarray | None = None
     spec: object = field(default=None, repr=False)
+    overrides: dict | None = None
 
     @property
     def label(self) -> str:
@@ -133,6 +136,24 @@ def _numbers(spec: dict, where: str, text: str) -> np.ndarray:
     return apply_numbers(base, spec, label).astype(np.float32)
 
 
+def _from_dict(spec: dict, where: str, text: str | None = None) -> Source:
+    """Numbers, or a preset with number fields over it ({"preset": "smirk", "eyelids": 1})."""
+    from retarget.presets import NAME_RE
+
+    text = text or json.dumps(spec, separators=(", ", ": "))
+    label = f"{where}: {text}" if where else text
+    name = spec.get("preset")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.fullmatch(name)):
+        raise RetargetError(f"{label}: \"preset\" must be a preset name, got {name!r}")
+    if name is not None and "params" in spec:
+        raise RetargetError(f"{label}: give \"preset\" or \"params\", not both")
+    params = _numbers(spec, where, text)  # checks every field, also those over a preset
+    if name is None:
+        return Source(NUMBERS, text, where, params=params, spec=spec)
+    overrides = {k: v for k, v in spec.items() if k != "preset"}
+    return Source(PRESET, text, where, name=name, spec=spec, overrides=overrides or None)
+
+
 def parse_source(spec: str | dict | os.PathLike, *, where: str = "", base: str | os.PathLike | None = None) -> Source:
     """Parse one source (see the module docstring for the forms). No file is touched.
 
@@ -141,8 +162,7 @@ def parse_source(spec: str | dict | os.PathLike, *, where: str = "", base: str |
     the current folder). Raises RetargetError naming `where` and the source for malformed specs.
     """
     if isinstance(spec, dict):
-        text = json.dumps(spec, separators=(", ", ": "))
-        return Source(NUMBERS, text, where, params=_numbers(spec, where, text), spec=spec)
+        return _from_dict(spec, where)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str):
@@ -158,7 +178,7 @@ def parse_source(spec: str | dict | os.PathLike, *, where: str = "", base: str |
             raise RetargetError(f"{label}: not valid JSON numbers ({e.msg} at column {e.colno})") from None
         if not isinstance(data, dict):
             raise RetargetError(f"{label}: numbers must be a JSON object")
-        return Source(NUMBERS, text, where, params=_numbers(data, where, text), spec=data)
+        return _from_dict(data, where, text)
 
     def joined(p: str) -> Path:
         path = Path(p).expanduser()
@@ -344,7 +364,10 @@ def resolve_sources(sources: Sequence[Source], *, layout=None, device: str = "cp
         if src.kind == NUMBERS:
             out[i] = src.params
         elif src.kind == PRESET:
-            out[i] = library.get(src.name).params
+            from tracking.keyframes import apply_numbers
+
+            base = library.get(src.name).params
+            out[i] = apply_numbers(base, src.overrides, src.label) if src.overrides else base
         elif src.kind == TRACK:
             track = opened.track(src)
             out[i] = track.params[_track_row(src, track)]

@@ -64,6 +64,8 @@ def test_parse_every_kind(tmp_path):
     assert np.count_nonzero(s.params) == 2
     s = parse_source('{"eyelids": 1}', where="x")
     assert s.kind == NUMBERS and (s.params[50:52] == 1).all()
+    s = parse_source({"preset": "jaw_open", "eyelids": 1}, where="x")
+    assert (s.kind, s.name, s.overrides) == (PRESET, "jaw_open", {"eyelids": 1})
     full = list(np.linspace(-1, 1, 55))
     assert np.array_equal(parse_source({"params": full}).params, np.float32(full))
 
@@ -78,6 +80,8 @@ def test_parse_every_kind(tmp_path):
     ({"jaw": -1}, "jaw opening must be >= 0"),
     ({"smile": 1}, "unknown field"),
     ({"params": [1, 2]}, "55 finite numbers"),
+    ({"preset": "jaw_open", "params": [0] * 55}, "not both"),
+    ({"preset": "../x"}, "must be a preset name"),
     ("{bad json", "not valid JSON"),
     ("", "empty source"),
 ])
@@ -97,11 +101,13 @@ def test_every_kind_resolves_to_the_numbers_of_tracking_directly(pictures, layou
     lib.add("mine", direct_photo, source="face.png")
     t = float(clip_track.times[13])
     specs = ["face.png", f"clip.mp4@{t + 0.01:.3f}", "clip.mp4#5", "clip.track.npz#5", f"clip.track.npz@{t}",
-             "eyes_closed", "mine", {"jaw": 0.2, "expression": {"3": 1.5}}]
+             "eyes_closed", "mine", {"jaw": 0.2, "expression": {"3": 1.5}}, {"preset": "mine", "eyelids": 0.5}]
     sources = [parse_source(s, where=f"panel {i + 1}", base=pictures) for i, s in enumerate(specs)]
     lines: list[str] = []
     got = resolve_sources(sources, layout=layout, presets=lib, log=lines.append)
-    assert got.shape == (8, 55) and got.dtype == np.float32
+    assert got.shape == (9, 55) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[8][:50], direct_photo[:50])
+    np.testing.assert_array_equal(got[8][50:52], [0.5, 0.5])
     np.testing.assert_allclose(got[0], direct_photo, atol=BATCH_ATOL)
     np.testing.assert_allclose(got[1], clip_track.raw[13], atol=BATCH_ATOL)
     np.testing.assert_allclose(got[2], clip_track.raw[5], atol=BATCH_ATOL)
