@@ -74,6 +74,15 @@ def test_six_panels_sheet_and_resolved_script_re_render_identically(inputs, tiny
     for p, img in zip(panels, first):
         np.testing.assert_array_equal(read_image(again / p.name), img)
 
+    # Batching is a speed-up only: one panel at a time gives the same pictures up to fp32 rounding
+    # across batch shapes (~2e-6 on pixels, GUIDE.md), i.e. at most one level where a value sits
+    # on a rounding edge.
+    single = tmp_path / "single"
+    assert _run(inputs, tiny_weights, alone / "six.resolved.yaml", single, "--cell", "64", "--batch", "1") == 0
+    for p, img in zip(panels, first):
+        diff = np.abs(read_image(single / p.name).astype(int) - img)
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
 
 @pytest.mark.parametrize("script, message", [
     ("panels: [{source: blank.png}]", "panel 1: blank.png: no face found in the photo"),
