@@ -162,23 +162,14 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def _parse_entry(entry, where: str) -> Keyframe:
-    if not isinstance(entry, dict):
-        raise RetargetError(f"{where} must be an object like {{\"time\": 0.0, \"preset\": \"neutral\"}}")
-    unknown = sorted(set(entry) - set(_FIELDS))
-    if unknown:
-        raise RetargetError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
-    if "time" not in entry:
-        raise RetargetError(f"{where}: missing \"time\" (seconds)")
-    time_s = _number(entry["time"], f"{where} time")
-    if time_s < 0:
-        raise RetargetError(f"{where}: time must be >= 0 seconds, got {time_s:g}")
+NUMBER_FIELDS = ("expression", "eyelids", "jaw")
 
-    preset = entry.get("preset", "neutral")
-    if preset not in PRESETS:
-        raise RetargetError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    params = PRESETS[preset].copy()
 
+def apply_numbers(base: np.ndarray, entry: dict, where: str) -> np.ndarray:
+    """`base` (55,) with the number fields of `entry` ("expression", "eyelids", "jaw", in the
+    keyframe file's format above) written over it; other keys are ignored. Returns a new
+    float64 (55,) array; RetargetError naming `where` for malformed or out-of-range values."""
+    params = np.array(base, np.float64).reshape(N_PARAMS)
     if "expression" in entry:
         exp = entry["expression"]
         if isinstance(exp, dict):
@@ -222,6 +213,25 @@ def _parse_entry(entry, where: str) -> Keyframe:
         if max(abs(values[1]), abs(values[2])) > JAW_SIDE_LIMIT:
             raise RetargetError(f"{where}: jaw[1] and jaw[2] must be within +-{JAW_SIDE_LIMIT}")
         params[JAW] = values
+    return params
+
+
+def _parse_entry(entry, where: str) -> Keyframe:
+    if not isinstance(entry, dict):
+        raise RetargetError(f"{where} must be an object like {{\"time\": 0.0, \"preset\": \"neutral\"}}")
+    unknown = sorted(set(entry) - set(_FIELDS))
+    if unknown:
+        raise RetargetError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
+    if "time" not in entry:
+        raise RetargetError(f"{where}: missing \"time\" (seconds)")
+    time_s = _number(entry["time"], f"{where} time")
+    if time_s < 0:
+        raise RetargetError(f"{where}: time must be >= 0 seconds, got {time_s:g}")
+
+    preset = entry.get("preset", "neutral")
+    if preset not in PRESETS:
+        raise RetargetError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    params = apply_numbers(PRESETS[preset], entry, where)
     return Keyframe(time_s, params)
 
 
