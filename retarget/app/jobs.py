@@ -140,7 +140,13 @@ def retarget_video(drive, actor, out_dir, settings: RenderSettings, *, relative=
                             work=str(out_dir / "work"))
     summary = run(drive, actor, out_dir / "out.mp4", opts, weights=weights, log=log)
     return {"video": str(summary.output), "preview": str(summary.preview) if summary.preview else None,
-            "summary": summary.line()}
+            "summary": page_text(summary.line(), out_dir)}
+
+
+def page_text(line: str, out_dir) -> str:
+    """A summary line for the page: the server's folders are not the user's business (nor anyone
+    else's), so paths under `out_dir` are shown by file name."""
+    return line.replace(f"{out_dir}/", "").replace(str(out_dir), ".")
 
 
 def render_still(actor, params, out_path, settings: RenderSettings, *, weights=None, log=print) -> str:

@@ -2,8 +2,8 @@
 events. Layout and event wiring only: each handler checks the uploads, makes a job folder and
 calls `retarget.app.jobs`, turning a RetargetError into the CLI's `error: ...` line on the page.
 """
-
-from __future__ import annotations
+# No `from __future__ import annotations` here: gradio finds the `request: gr.Request`
+# parameters of the handlers by their (evaluated) annotations.
 
 from typing import Any
 
@@ -156,7 +156,7 @@ def build_app(cfg: AppOptions | None = None, weights=None):
                          [s_status, s_state, s_jaw, s_eye_l, s_eye_r, *coeffs], concurrency_limit=1,
                          concurrency_id=GPU, api_name="read_expression")
 
-            def on_studio(actor_p, mode_v, params, jaw, el, er, *cs, request: gr.Request):
+            def on_studio(request: gr.Request, actor_p, mode_v, params, jaw, el, er, *cs):
                 try:
                     a = check_photo(actor_p, cfg)
                     vec = jobs.with_sliders(params, jaw, el, er, cs)
@@ -250,7 +250,10 @@ def build_app(cfg: AppOptions | None = None, weights=None):
             t_go.click(on_transition, [t_actor, t_pics, t_table, t_ease, t_fps, t_mode], [t_status, t_video, t_files],
                        concurrency_limit=1, concurrency_id=GPU, api_name="transition")
 
-        demo.unload(lambda request: app.sessions.end(_session(request)) if request else None)
+        def on_leave(request: gr.Request):
+            app.sessions.end(_session(request))
+
+        demo.unload(on_leave)
 
     demo.queue(max_size=cfg.queue_size, default_concurrency_limit=1)
     demo.retarget_app = app
