@@ -58,6 +58,16 @@ def cmd_storyboard(args) -> int:
     from retarget.run import RunOptions
     from retarget.sheets import make_storyboard, storyboard_expressions
 
+    if args.script:
+        from retarget.storyboard_script import load_script, render_script
+
+        if any(getattr(args, k) for k in ("presets", "keyframes", "track", "times", "frames")):
+            raise RetargetError("--script lists the panels itself: leave out --presets/--keyframes/--track/--times/--frames")
+        opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
+        result = render_script(args.actor, load_script(args.script), args.output, opts, weights=args.weights,
+                               columns=args.columns, cell=args.cell)
+        print(result.line())
+        return 0
     cells = storyboard_expressions(track=args.track, times=args.times, frames=args.frames,
                                    keyframes=args.keyframes, presets=args.presets)
     opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
@@ -193,10 +203,14 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
             retarget storyboard actor.jpg -o sheet.png --presets neutral,jaw_open,eyes_closed
             retarget storyboard actor.jpg -o sheet.png --track drive.track.npz --times 0.5,1.2,3.0
             retarget storyboard actor.jpg -o sheet.png --keyframes keys.json --paste-back
-            presets: {", ".join(PRESETS)}
+            retarget storyboard actor.jpg --script board.yaml -o board/   # panels from photos, clips, presets
+            presets: {", ".join(PRESETS)} (and yours: retarget preset list)
         """))
     p.add_argument("actor", help="photo of the actor")
-    p.add_argument("-o", "--output", required=True, help="sheet image (.png or .jpg)")
+    p.add_argument("-o", "--output", required=True, help="sheet image (.png or .jpg); with --script, a folder")
+    p.add_argument("--script", default=None, metavar="YAML",
+                   help="a storyboard script (panels: source, caption, seed, exp_scale, ref_strength, gain): "
+                        "writes panel PNGs, sheet.png and SCRIPT.resolved.yaml into the -o folder")
     p.add_argument("--presets", default=None, help="comma-separated preset names")
     p.add_argument("--keyframes", default=None, metavar="JSON", help="a keyframe file: one cell per keyframe")
     p.add_argument("--track", default=None, metavar="NPZ", help="a track file to pick frames from")
@@ -263,3 +277,7 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4, enough for tiny weights)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_demo)
+
+    from retarget import preset_cli
+
+    preset_cli.register(sub, formatter, examples, add_weights_arg)

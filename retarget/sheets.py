@@ -31,15 +31,17 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
                            keyframes: str | None = None, presets: str | None = None) -> list[tuple[str, np.ndarray]]:
     """The (label, 55-d vector) cells of a storyboard, from any mix of: track frames picked by
     time (`times`, seconds) or index (`frames`), the keyframes of a keyframe file, and named
-    presets (tracking.keyframes.PRESETS). Order: presets, keyframes, track picks."""
-    from tracking.keyframes import PRESETS, parse_keyframes
+    presets (built in or the user's, retarget.presets). Order: presets, keyframes, track picks."""
+    from retarget.presets import PresetLibrary
+    from tracking.keyframes import parse_keyframes
 
     cells: list[tuple[str, np.ndarray]] = []
+    library = PresetLibrary() if presets else None
     for name in (presets.split(",") if presets else []):
         name = name.strip()
-        if name not in PRESETS:
-            raise RetargetError(f"--presets: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        cells.append((name.replace("_", " "), PRESETS[name].astype(np.float32)))
+        if name not in library:
+            raise RetargetError(f"--presets: unknown preset {name!r}; choose from {', '.join(library.names())}")
+        cells.append((name.replace("_", " "), library.get(name).params.astype(np.float32)))
     if keyframes:
         for kf in parse_keyframes(keyframes):
             cells.append((f"{kf.time_s:g}s", np.asarray(kf.params, np.float32)))
