@@ -201,3 +201,22 @@ def table_rows(table, columns: int, limit: int, what: str) -> list[list]:
     if len(rows) > limit:
         raise RetargetError(f"{len(rows)} {what}s: at most {limit} in one job")
     return rows
+
+
+def storyboard_job(actor, panels: list[list], uploads: dict, out_dir, settings: RenderSettings, *, columns: int = 3,
+                   weights=None, log=print) -> dict:
+    """`retarget storyboard --script` for the app. panels: [source text, caption] rows of the
+    page's table; uploads: {file name: path} of the pictures they may name.
+    Returns {"sheet", "files" (panel PNGs, sheet, resolved script), "summary"}."""
+    from pathlib import Path
+
+    from retarget.app.sources_in_app import app_spec
+    from retarget.storyboard_script import parse_script, render_script
+
+    rows = [{"source": app_spec(src, uploads, where=f"panel {i + 1}"),
+             "caption": "" if cap is None else str(cap)} for i, (src, cap) in enumerate(panels)]
+    script = parse_script({"panels": rows}, name="storyboard")
+    res = render_script(actor, script, Path(out_dir) / "board", settings.options(), weights=weights,
+                        columns=int(columns), log=log)
+    files = [str(p) for p in res.panels] + [str(res.sheet), str(res.resolved)]
+    return {"sheet": str(res.sheet), "files": files, "summary": page_text(res.line(), Path(out_dir) / "board")}

@@ -21,16 +21,19 @@ def uploads_by_name(files) -> dict[str, Path]:
     return out
 
 
-def app_source(text: str, uploads: dict[str, Path], *, where: str):
-    """A `retarget.sources.Source` for `text` (a preset name, numbers, or NAME / NAME@SEC /
-    NAME#FRAME where NAME is an uploaded file's name). RetargetError naming `where` otherwise."""
+def app_spec(text: str, uploads: dict[str, Path], *, where: str) -> str:
+    """The source text to hand to `retarget.sources` for `text` typed in the page: a preset name
+    or numbers as typed; NAME / NAME@SEC / NAME#FRAME, where NAME is an uploaded file's name,
+    with the upload's server path in place of NAME. RetargetError naming `where` for a path, an
+    unknown file name or a malformed source (parsed here, before anything runs)."""
     from retarget.sources import parse_source
 
-    text = (text or "").strip()
+    text = str(text or "").strip()
     if not text:
         raise RetargetError(f"{where}: empty source")
     if text.startswith("{"):
-        return parse_source(text, where=where)
+        parse_source(text, where=where)
+        return text
     name, sep, moment = text, "", ""
     cut = max(text.rfind("@"), text.rfind("#"))
     if cut > 0:
@@ -38,8 +41,11 @@ def app_source(text: str, uploads: dict[str, Path], *, where: str):
     if "/" in name or "\\" in name or name.startswith("~") or os.sep in name:
         raise RetargetError(f"{where}: {text!r}: name an uploaded file, not a path")
     if name in uploads:
-        return parse_source(f"{uploads[name]}{sep}{moment}", where=where)
-    if Path(name).suffix:
+        spec = f"{uploads[name]}{sep}{moment}"
+    elif Path(name).suffix:
         known = ", ".join(sorted(uploads)) or "none"
         raise RetargetError(f"{where}: {text!r}: no uploaded file is called {name!r} (uploaded: {known})")
-    return parse_source(text, where=where)
+    else:
+        spec = text
+    parse_source(spec, where=where)
+    return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from pathlib import Path
 import pytest
 
 
@@ -85,7 +86,7 @@ def test_upload_limits(sample_inputs, tmp_path):
 
 def test_client_cannot_name_a_server_path(client, sample_inputs):
     """A file the client did not upload is refused by gradio; a source text naming a path is refused by us."""
-    from retarget.app.sources_in_app import app_source
+    from retarget.app.sources_in_app import app_spec
     from render.errors import RetargetError
 
     drive, actor = sample_inputs
@@ -94,11 +95,12 @@ def test_client_cannot_name_a_server_path(client, sample_inputs):
         client.predict(forged, forged, "fast", False, 1.0, 1.0, 1.0, 0.8, 0, 0, 0, api_name="/retarget")
     for text in ("/etc/hosts.jpg", "../actor.png", "~/smile.jpg", "sub/clip.mp4@1"):
         with pytest.raises(RetargetError, match="not a path"):
-            app_source(text, {"actor.png": actor}, where="panel 1")
+            app_spec(text, {"actor.png": actor}, where="panel 1")
     with pytest.raises(RetargetError, match="no uploaded file is called 'smile.jpg'"):
-        app_source("smile.jpg", {"actor.png": actor}, where="panel 2")
-    assert app_source("actor.png", {"actor.png": actor}, where="panel 3").path == actor
-    assert app_source("jaw_open", {}, where="panel 4").kind == "preset"
+        app_spec("smile.jpg", {"actor.png": actor}, where="panel 2")
+    assert app_spec("actor.png", {"actor.png": actor}, where="panel 3") == str(actor)
+    assert app_spec("drive.mp4@0.2", {"drive.mp4": drive}, where="panel 4") == f"{drive}@0.2"
+    assert app_spec("jaw_open", {}, where="panel 5") == "jaw_open"
 
 
 def test_studio_reads_renders_and_saves_presets(client, served, sample_inputs, tiny_weights):
@@ -135,3 +137,71 @@ def test_studio_reads_renders_and_saves_presets(client, served, sample_inputs, t
     with pytest.raises(Exception) as e:
         client.predict("jaw_open", "", 0.1, 0.0, 0.0, *[0.0] * 10, api_name="/save_preset")
     assert "built in" in str(e.value)
+
+
+def _args(drive, actor, mode="fast"):
+    from gradio_client import handle_file
+
+    return (handle_file(str(drive)), handle_file(str(actor)), mode, False, 1.0, 1.0, 1.0, 0.8, 0, 0, 0)
+
+
+def _wait_for(fn, timeout=120.0):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if fn():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_one_gpu_job_at_a_time_others_wait_in_line(client, sample_inputs):
+    from gradio_client.utils import Status
+
+    first = client.submit(*_args(*sample_inputs), api_name="/retarget")
+    assert _wait_for(lambda: first.status().code in (Status.PROCESSING, Status.ITERATING))
+    second = client.submit(*_args(*sample_inputs), api_name="/retarget")
+    waited = []
+    assert _wait_for(lambda: waited.append(second.status()) or waited[-1].code == Status.IN_QUEUE
+                     or first.done())
+    assert waited[-1].code == Status.IN_QUEUE and waited[-1].rank == 0, waited[-1]  # first in line, position shown
+    assert not first.done()
+    assert first.result()[0].startswith("done: 8 frames") and second.result()[0].startswith("done: 8 frames")
+
+
+def test_cancel_stops_the_job_and_frees_the_queue(client, served, sample_inputs):
+    import threading
+
+    from gradio_client.utils import Status
+
+    demo = served[1]
+    before = set(demo.retarget_app.sessions.root.rglob("out.mp4"))
+    job = client.submit(*_args(*sample_inputs, mode="quality"), api_name="/retarget")  # 25 steps: slow enough
+    assert _wait_for(lambda: job.status().code == Status.ITERATING)  # running, status lines flowing
+    job.cancel()
+    assert _wait_for(lambda: not any(t.name == "retarget-app-job" and t.is_alive() for t in threading.enumerate()),
+                     60), "the cancelled job's thread still runs"
+    assert set(demo.retarget_app.sessions.root.rglob("out.mp4")) == before  # no output, not even a partial one
+    assert not list(demo.retarget_app.sessions.root.rglob(".out.partial-*"))
+    assert client.predict(*_args(*sample_inputs), api_name="/retarget")[0].startswith("done: 8 frames")
+
+
+def test_storyboard_tab(client, sample_inputs):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    drive, actor = sample_inputs
+    table = {"headers": ["source", "caption"], "data": [["jaw_open", "open"], ["actor.png", "as the photo"],
+                                                        ["drive.mp4@0.2", "a moment"], ['{"jaw": 0.2}', "numbers"]]}
+    status, sheet, files = client.predict(handle_file(str(actor)), [handle_file(str(actor)), handle_file(str(drive))],
+                                          table, "fast", 2, api_name="/storyboard")
+    assert status.startswith("done: 4 panels") and "/" not in status.split(";")[1]
+    names = sorted(Path(f).name for f in files)
+    assert sum(n.endswith(".png") for n in names) == 5 and any(n.endswith(".resolved.yaml") for n in names)
+    assert Image.open(sheet).size[0] > 0
+
+    table["data"].append(["smile.jpg", "missing"])
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(actor)), [handle_file(str(actor))], table, "fast", 2, api_name="/storyboard")
+    assert str(e.value).startswith("error: panel 3") and "drive.mp4" in str(e.value)  # not uploaded this time
