@@ -220,3 +220,33 @@ def storyboard_job(actor, panels: list[list], uploads: dict, out_dir, settings: 
                         columns=int(columns), log=log)
     files = [str(p) for p in res.panels] + [str(res.sheet), str(res.resolved)]
     return {"sheet": str(res.sheet), "files": files, "summary": page_text(res.line(), Path(out_dir) / "board")}
+
+
+def transition_job(actor, keys: list[list], uploads: dict, out_dir, settings: RenderSettings, *,
+                   easing: str = "smoothstep", fps: float = 25.0, weights=None, log=print) -> dict:
+    """`retarget transition` for the app. keys: [source text, time (s), hold (s)] rows of the
+    page's table; uploads: {file name: path} of the pictures they may name.
+    Returns {"video", "files" (video, interpolated track file), "summary"}."""
+    import json
+    from pathlib import Path
+
+    from retarget.app.sources_in_app import app_spec
+    from retarget.sheets import make_transition
+    from retarget.transitions import transition_track_path
+
+    rows = []
+    for i, (src, t, hold) in enumerate(keys):
+        where = f"keyframe {i + 1}"
+        try:
+            key = {"time": float(t), "source": app_spec(src, uploads, where=where)}
+            if hold not in (None, "") and float(hold) > 0:
+                key["hold"] = float(hold)
+        except (TypeError, ValueError):
+            raise RetargetError(f"{where}: time and hold must be numbers of seconds") from None
+        rows.append(key)
+    out = Path(out_dir) / "transition.mp4"
+    summary = make_transition(actor, json.dumps(rows), out, settings.options(), fps=float(fps), easing=easing,
+                              weights=weights, log=log)
+    track = transition_track_path(out)
+    files = [str(out)] + ([str(track)] if track.is_file() else [])
+    return {"video": str(out), "files": files, "summary": page_text(summary.line(), out_dir)}

@@ -73,6 +73,8 @@ def test_retarget_in_a_real_browser(browser, served, sample_inputs, tmp_path):
     shots = Path(os.environ.get("RETARGET_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     drive, actor = sample_inputs
+    root = served[1].retarget_app.sessions.root
+    before = set(root.iterdir())
     browser.get(url)
     _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#rt-drive input[type=file]"), 60, "the page")
 
@@ -111,3 +113,9 @@ def test_retarget_in_a_real_browser(browser, served, sample_inputs, tmp_path):
         browser.save_screenshot(str(shots / file))
     assert all((shots / f).stat().st_size > 10_000 for f in
                ("app_retarget.png", "app_studio.png", "app_storyboard.png", "app_transitions.png"))
+
+    # Leaving the page ends the session: its output folder goes.
+    (mine,) = set(root.iterdir()) - before  # this page's session folder
+    assert list(mine.glob("*-retarget/out.mp4"))
+    browser.get("about:blank")
+    _wait(lambda: not mine.exists(), 60, "the session folder to be removed after the page closed")
