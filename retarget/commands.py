@@ -84,7 +84,11 @@ def cmd_transition(args) -> int:
     opts = dataclass_from_args(RunOptions, args)
     summary = make_transition(args.actor, args.keyframes, args.output, opts, fps=args.fps, easing=args.easing,
                               weights=args.weights)
+    from retarget.transitions import transition_track_path
+
     print(summary.line())
+    print(f"wrote the interpolated track {transition_track_path(args.output)} "
+          "(render it onto another actor with retarget run DRIVE ACTOR --track ...)")
     return 0
 
 
@@ -227,15 +231,17 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p = sub.add_parser(
         "transition", help="video of smooth expression changes between keyframes",
         formatter_class=formatter,
-        description="Interpolate authored keyframes (JSON: time, preset, expression, eyelids, jaw) at --fps "
-                    "and render the actor through them.",
+        description="Interpolate authored keyframes (JSON or YAML: time, source, hold, expression, eyelids, jaw) "
+                    "at --fps and render the actor through them; a key's source is a photo, a clip moment, a track "
+                    "row, a preset or numbers. Also writes OUTPUT.track.npz, the interpolated track.",
         epilog=examples("""
             retarget transition actor.jpg keys.json -o smile.mp4
-            retarget transition actor.jpg keys.json -o smile.mp4 --fps 30 --easing cubic --fast
+            retarget transition actor.jpg keys.yaml -o smile.mp4 --fps 30 --easing cubic --fast
             keys.json: [{"time": 0, "preset": "neutral"}, {"time": 1, "jaw": 0.3}, {"time": 2, "eyelids": 1}]
+            keys.yaml: [{time: 0, source: calm.jpg, hold: 0.5}, {time: 1.5, source: clip.mp4@2.4}]
         """))
     p.add_argument("actor", help="photo of the actor")
-    p.add_argument("keyframes", help="keyframe file (JSON) or JSON text")
+    p.add_argument("keyframes", help="keyframe file (JSON or YAML) or JSON text")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate (default: 25)")
     p.add_argument("--easing", default="smoothstep", choices=EASINGS, help="interpolation (default: smoothstep)")
