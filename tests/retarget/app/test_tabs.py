@@ -205,3 +205,26 @@ def test_storyboard_tab(client, sample_inputs):
     with pytest.raises(Exception) as e:
         client.predict(handle_file(str(actor)), [handle_file(str(actor))], table, "fast", 2, api_name="/storyboard")
     assert str(e.value).startswith("error: panel 3") and "drive.mp4" in str(e.value)  # not uploaded this time
+
+
+def test_transitions_tab(client, sample_inputs):
+    from gradio_client import handle_file
+
+    from render.video import open_video
+    from tracking.track import Track
+
+    drive, actor = sample_inputs
+    table = {"headers": ["source", "time (s)", "hold (s)"],
+             "data": [["neutral", 0, 0], ["actor.png", 0.2, 0.08], ['{"jaw": 0.3}', 0.36, 0]]}
+    status, video, files = client.predict(handle_file(str(actor)), [handle_file(str(actor))], table, "smoothstep",
+                                          25, "fast", api_name="/transition")
+    n = open_video(_video(video)).frame_count
+    assert status.startswith(f"done: {n} frames") and n == 10  # 0 .. 0.36 s at 25 fps
+    track = Track.load(next(f for f in files if f.endswith(".track.npz")))
+    assert len(track.times) == n and abs(track.params[-1, 52] - 0.3) < 1e-6  # the last key, exactly
+
+    table["data"][1][1] = "soon"
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(actor)), [handle_file(str(actor))], table, "smoothstep", 25, "fast",
+                       api_name="/transition")
+    assert str(e.value).startswith("error: keyframe 2")
