@@ -179,6 +179,11 @@ def test_cancel_stops_the_job_and_frees_the_queue(client, served, sample_inputs)
     before = set(demo.retarget_app.sessions.root.rglob("out.mp4"))
     job = client.submit(*_args(*sample_inputs, mode="quality"), api_name="/retarget")  # 25 steps: slow enough
     assert _wait_for(lambda: job.status().code == Status.ITERATING)  # running, status lines flowing
+    import re
+
+    # The status line is the job's own progress bar while it renders: count, ETA and rate.
+    progress = re.compile(r"rendering: .*\d+/8 \[\d+:\d+<\d+:\d+, .*frame/s\]")
+    assert _wait_for(lambda: any(progress.search(str(o[0])) for o in job.outputs())), job.outputs()[-3:]
     job.cancel()
     assert _wait_for(lambda: not any(t.name == "retarget-app-job" and t.is_alive() for t in threading.enumerate()),
                      60), "the cancelled job's thread still runs"
