@@ -125,6 +125,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- app
+
+def cmd_app(args) -> int:
+    from retarget.app.config import AppOptions
+    from retarget.run import RENDER_WEIGHTS
+    from retarget.weights import WeightsLayout
+
+    cfg = dataclass_from_args(AppOptions, args)
+    cfg.validate()
+    layout = WeightsLayout(args.weights)
+    for name in RENDER_WEIGHTS + ("smirk_ckpt",):  # fail now, not at the first click
+        layout.require(name)
+    from retarget.app.layout import launch
+
+    print(f"retarget app on http://{cfg.host}:{cfg.port} (weights {layout.root}); Ctrl+C stops it")
+    launch(cfg, layout)
+    return 0
+
+
 # --------------------------------------------------------------------------- registration
 
 def register(sub, formatter, examples, add_weights_arg) -> None:
@@ -229,6 +248,23 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY)
     p.set_defaults(func=cmd_transition)
+
+    from retarget.app.config import AppOptions
+
+    p = sub.add_parser(
+        "app", help="the web app: retarget, expression studio, storyboards and transitions in the browser",
+        formatter_class=formatter,
+        description="Serve a Gradio app with four tabs (Retarget, Expression studio, Storyboard, Transitions) "
+                    "over the same functions as the CLI. One GPU job runs at a time; others wait in the queue. "
+                    "Listens on 127.0.0.1 unless --host says otherwise.",
+        epilog=examples("""
+            retarget app --weights ~/retarget-weights
+            retarget app --weights ~/retarget-weights --port 8080 --max-video-s 120
+            retarget weights tiny /tmp/tiny && retarget app --weights /tmp/tiny --device cpu   # try it offline
+        """))
+    add_weights_arg(p)
+    add_dataclass_options(p, AppOptions)
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser(
         "demo", help="offline demo: tiny weights, sample clip and actor, full pipeline",

@@ -215,6 +215,18 @@ RENDER_WEIGHTS = ("arc2face_unet", "encoder", "arcface_onnx", "exp_adapter", "re
                   "vae", "scheduler", "tokenizer")
 
 
+# Loaded pipelines kept between jobs, by (weights folder, device, dtype); None: load per job.
+_kept_pipelines: dict | None = None
+
+
+def keep_models_loaded(enabled: bool = True) -> None:
+    """For processes that render many jobs (the app): keep the last loaded pipeline and reuse
+    it for the next job with the same weights, device and precision, instead of loading again.
+    The LCM-LoRA loads on first use of fast mode, so one pipeline serves both modes."""
+    global _kept_pipelines
+    _kept_pipelines = {} if enabled else None
+
+
 @dataclass
 class Rendering:
     """A loaded pipeline and a prepared actor: what every command that renders needs."""
@@ -237,8 +249,14 @@ def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb
     for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
     device, dtype = resolve_device(opts.device, opts.dtype)
-    log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
-    pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
+    key = (str(layout.root.resolve()), device, str(dtype))
+    pipe = _kept_pipelines.get(key) if _kept_pipelines is not None else None
+    if pipe is None:
+        log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
+        pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
+        if _kept_pipelines is not None:
+            _kept_pipelines.clear()  # one set of models at a time: GPU memory is the limit
+            _kept_pipelines[key] = pipe
     actor = pipe.prepare_actor(actor_rgb, generator=torch.Generator("cpu").manual_seed(opts.seed),
                                ref_latent=opts.ref_latent)
     if actor.face_report:

@@ -70,21 +70,16 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
     return cells
 
 
-def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
-                    options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
-                    log=print) -> Path:
-    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
-    from render.storyboard import save_image, storyboard
+def render_expressions(actor_path: str | os.PathLike, params: np.ndarray, options: RunOptions | None = None, *,
+                       weights=None, log=print) -> list[np.ndarray]:
+    """The actor rendered with each row of `params` (N, 55): N HxWx3 uint8 images, the aligned
+    face crops, or the whole photo with the face pasted back when `options.paste_back`."""
     from retarget.weights import WeightsLayout
 
     opts = options or RunOptions()
-    out, actor_path = Path(out), Path(actor_path)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
-    check_writable(out.parent, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    r = prepare_rendering(layout, actor_path, opts, log)
-    params = np.stack([c[1] for c in cells]).astype(np.float32)
+    r = prepare_rendering(layout, Path(actor_path), opts, log)
+    params = np.asarray(params, np.float32).reshape(-1, 55)
     batch = opts.batch or 8
     images = []
     for s in range(0, len(params), batch):
@@ -92,6 +87,21 @@ def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells
                               **r.call))
     if opts.paste_back:
         images = [pipe_paste(r.actor_rgb, im, r.actor) for im in images]
+    return images
+
+
+def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
+                    options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
+                    log=print) -> Path:
+    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
+    from render.storyboard import save_image, storyboard
+
+    opts = options or RunOptions()
+    out, actor_path = Path(out), Path(actor_path)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
+    check_writable(out.parent, "output folder")
+    images = render_expressions(actor_path, np.stack([c[1] for c in cells]), opts, weights=weights, log=log)
     sheet = storyboard(images, [c[0] for c in cells], columns=columns, cell=cell, title=actor_path.name)
     return save_image(out, sheet)
 
