@@ -371,7 +371,7 @@ def retake(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | o
     `drive`. The output has the actor clip's frames and frame rate (fewer with --driver-end stop).
     Raises RetargetError on bad input, before any diffusion model loads where the input is at fault."""
     from render.video import open_video
-    from retarget.motion import apply_gain, parse_gain, pick_neutral_frame, retarget_params, sample_params
+    from retarget.motion import parse_gain
     from tracking.choice import parse_face_choice
 
     opts, ro = options or RunOptions(), retake_options or RetakeOptions()
@@ -389,22 +389,8 @@ def retake(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | o
 
     take = analyse_actor(actor_path, reader, choice, layout, device, opts, ro, _arcface(layout, device), log)
     track = _driver_track(drive, drive_choice, layout, opts, work, device, log)
-    at, sel = driver_schedule(track.times, track.fps, n_out=len(take.times), out_fps=take.fps, start=opts.start,
-                              end=opts.end, mode=ro.driver_end)
-    driver = sample_params(track.times[sel], track.params[sel], at)
+    params, at, sel = retake_params(take.params, take.fps, track, opts, ro, gain, log)
     n = len(at)
-    if ro.absolute:
-        params = retarget_params(driver, gain)
-    else:
-        if opts.neutral_frame is not None:
-            k = opts.neutral_frame
-            if not 0 <= k < len(track.params):
-                raise RetargetError(f"--neutral-frame {k} is outside the driving video's {len(track.params)} frames")
-        else:
-            k = int(np.flatnonzero(sel)[pick_neutral_frame(track.params[sel], track.valid[sel])])
-        log(f"relative mode: driver neutral = frame {k} ({track.times[k]:.2f}s) onto the take's own expressions")
-        # As retarget_params' relative mode, with the take's expression at t as the actor's own.
-        params = _clamp(take.params[:n] + apply_gain(driver - track.params[k][None], gain))
     if n < len(take.times):
         log(f"--driver-end stop: the driver ends after {n} of the take's {len(take.times)} frames")
     audio = None
@@ -417,6 +403,31 @@ def retake(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | o
     driving = (dreader, _nearest(track.times, at)) if opts.preview != "none" else None
     return _render_take(actor_path, reader, take, params, out, opts, layout, device, work, source, audio,
                         driving, t0, log, driving_no_face=int((~track.valid[sel]).sum()))
+
+
+def retake_params(take_params: np.ndarray, take_fps: float, track, opts: RunOptions, ro: RetakeOptions,
+                  gain: dict[str, float], log=print) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The expressions of the output frames: (n, 55) float32, n = the take's frames (fewer with
+    --driver-end stop), the driver times they were sampled at (n,), and the selection of the driver's
+    frames in --start/--end. Relative (default): the take's own expression at t plus gain x the
+    driver's change from its neutral frame; --absolute: gain x the driver's. Clamped to SMIRK's ranges."""
+    from retarget.motion import apply_gain, pick_neutral_frame, retarget_params, sample_params
+
+    at, sel = driver_schedule(track.times, track.fps, n_out=len(take_params), out_fps=take_fps, start=opts.start,
+                              end=opts.end, mode=ro.driver_end)
+    driver = sample_params(track.times[sel], track.params[sel], at)
+    n = len(at)
+    if ro.absolute:
+        return retarget_params(driver, gain), at, sel
+    if opts.neutral_frame is not None:
+        k = opts.neutral_frame
+        if not 0 <= k < len(track.params):
+            raise RetargetError(f"--neutral-frame {k} is outside the driving video's {len(track.params)} frames")
+    else:
+        k = int(np.flatnonzero(sel)[pick_neutral_frame(track.params[sel], track.valid[sel])])
+    log(f"relative mode: driver neutral = frame {k} ({track.times[k]:.2f}s) onto the take's own expressions")
+    # As retarget_params' relative mode, with the take's expression at t as the actor's own.
+    return _clamp(take_params[:n] + apply_gain(driver - track.params[k][None], gain)), at, sel
 
 
 def edit(actor_path: str | os.PathLike, out: str | os.PathLike, edit_options: EditOptions,
