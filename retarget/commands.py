@@ -69,6 +69,16 @@ def cmd_storyboard(args) -> int:
     from retarget.run import RunOptions
     from retarget.sheets import make_storyboard, storyboard_expressions
 
+    if args.script:
+        from retarget.storyboard_script import load_script, render_script
+
+        if any(getattr(args, k) for k in ("presets", "keyframes", "track", "times", "frames")):
+            raise RetargetError("--script lists the panels itself: leave out --presets/--keyframes/--track/--times/--frames")
+        opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
+        result = render_script(args.actor, load_script(args.script), args.output, opts, weights=args.weights,
+                               columns=args.columns, cell=args.cell)
+        print(result.line())
+        return 0
     cells = storyboard_expressions(track=args.track, times=args.times, frames=args.frames,
                                    keyframes=args.keyframes, presets=args.presets)
     opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
@@ -85,7 +95,11 @@ def cmd_transition(args) -> int:
     opts = dataclass_from_args(RunOptions, args)
     summary = make_transition(args.actor, args.keyframes, args.output, opts, fps=args.fps, easing=args.easing,
                               weights=args.weights)
+    from retarget.transitions import transition_track_path
+
     print(summary.line())
+    print(f"wrote the interpolated track {transition_track_path(args.output)} "
+          "(render it onto another actor with retarget run DRIVE ACTOR --track ...)")
     return 0
 
 
@@ -194,10 +208,14 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
             retarget storyboard actor.jpg -o sheet.png --presets neutral,jaw_open,eyes_closed
             retarget storyboard actor.jpg -o sheet.png --track drive.track.npz --times 0.5,1.2,3.0
             retarget storyboard actor.jpg -o sheet.png --keyframes keys.json --paste-back
-            presets: {", ".join(PRESETS)}
+            retarget storyboard actor.jpg --script board.yaml -o board/   # panels from photos, clips, presets
+            presets: {", ".join(PRESETS)} (and yours: retarget preset list)
         """))
     p.add_argument("actor", help="photo of the actor")
-    p.add_argument("-o", "--output", required=True, help="sheet image (.png or .jpg)")
+    p.add_argument("-o", "--output", required=True, help="sheet image (.png or .jpg); with --script, a folder")
+    p.add_argument("--script", default=None, metavar="YAML",
+                   help="a storyboard script (panels: source, caption, seed, exp_scale, ref_strength, gain): "
+                        "writes panel PNGs, sheet.png and SCRIPT.resolved.yaml into the -o folder")
     p.add_argument("--presets", default=None, help="comma-separated preset names")
     p.add_argument("--keyframes", default=None, metavar="JSON", help="a keyframe file: one cell per keyframe")
     p.add_argument("--track", default=None, metavar="NPZ", help="a track file to pick frames from")
@@ -214,15 +232,17 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p = sub.add_parser(
         "transition", help="video of smooth expression changes between keyframes",
         formatter_class=formatter,
-        description="Interpolate authored keyframes (JSON: time, preset, expression, eyelids, jaw) at --fps "
-                    "and render the actor through them.",
+        description="Interpolate authored keyframes (JSON or YAML: time, source, hold, expression, eyelids, jaw) "
+                    "at --fps and render the actor through them; a key's source is a photo, a clip moment, a track "
+                    "row, a preset or numbers. Also writes OUTPUT.track.npz, the interpolated track.",
         epilog=examples("""
             retarget transition actor.jpg keys.json -o smile.mp4
-            retarget transition actor.jpg keys.json -o smile.mp4 --fps 30 --easing cubic --fast
+            retarget transition actor.jpg keys.yaml -o smile.mp4 --fps 30 --easing cubic --fast
             keys.json: [{"time": 0, "preset": "neutral"}, {"time": 1, "jaw": 0.3}, {"time": 2, "eyelids": 1}]
+            keys.yaml: [{time: 0, source: calm.jpg, hold: 0.5}, {time: 1.5, source: clip.mp4@2.4}]
         """))
     p.add_argument("actor", help="photo of the actor")
-    p.add_argument("keyframes", help="keyframe file (JSON) or JSON text")
+    p.add_argument("keyframes", help="keyframe file (JSON or YAML) or JSON text")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate (default: 25)")
     p.add_argument("--easing", default="smoothstep", choices=EASINGS, help="interpolation (default: smoothstep)")
@@ -247,6 +267,10 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4, enough for tiny weights)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_demo)
+
+    from retarget import preset_cli
+
+    preset_cli.register(sub, formatter, examples, add_weights_arg)
 
 
 # --------------------------------------------------------------------------- edit (an actor video)

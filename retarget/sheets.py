@@ -31,15 +31,17 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
                            keyframes: str | None = None, presets: str | None = None) -> list[tuple[str, np.ndarray]]:
     """The (label, 55-d vector) cells of a storyboard, from any mix of: track frames picked by
     time (`times`, seconds) or index (`frames`), the keyframes of a keyframe file, and named
-    presets (tracking.keyframes.PRESETS). Order: presets, keyframes, track picks."""
-    from tracking.keyframes import PRESETS, parse_keyframes
+    presets (built in or the user's, retarget.presets). Order: presets, keyframes, track picks."""
+    from retarget.presets import PresetLibrary
+    from tracking.keyframes import parse_keyframes
 
     cells: list[tuple[str, np.ndarray]] = []
+    library = PresetLibrary() if presets else None
     for name in (presets.split(",") if presets else []):
         name = name.strip()
-        if name not in PRESETS:
-            raise RetargetError(f"--presets: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        cells.append((name.replace("_", " "), PRESETS[name].astype(np.float32)))
+        if name not in library:
+            raise RetargetError(f"--presets: unknown preset {name!r}; choose from {', '.join(library.names())}")
+        cells.append((name.replace("_", " "), library.get(name).params.astype(np.float32)))
     if keyframes:
         for kf in parse_keyframes(keyframes):
             cells.append((f"{kf.time_s:g}s", np.asarray(kf.params, np.float32)))
@@ -97,24 +99,48 @@ def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells
 def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os.PathLike,
                     options: RunOptions | None = None, *, fps: float = 25.0, easing: str = "smoothstep",
                     weights=None, log=print) -> RunSummary:
-    """Render a video of the actor moving smoothly through the expressions of a keyframe file."""
+    """Render a video of the actor moving smoothly through the keys of a keyframe file (JSON or
+    YAML, keys from any expression source: retarget.transitions), and write the interpolated
+    parameters as a track file beside it (`transition_track_path(out)`, track file v1).
+    Every key is checked and every picture tracked before the diffusion pipeline loads."""
+    from retarget.run import RENDER_WEIGHTS
+    from retarget.sources import check_sources
+    from retarget.transitions import (
+        describe_keys, load_keys, resolve_keys, transition_track, transition_track_path,
+    )
     from retarget.weights import WeightsLayout
-    from tracking.keyframes import interpolate_keyframes, parse_keyframes
+    from tracking.keyframes import EASINGS, interpolate_keyframes
 
     t0 = time.perf_counter()
     opts = options or RunOptions()
     out, actor_path = Path(out), Path(actor_path)
     check_output_name(out)
+    if easing not in EASINGS:
+        raise RetargetError(f"--easing {easing!r}: choose one of {', '.join(EASINGS)}")
     read_image(actor_path, "actor photo")
+    keyfile = load_keys(keyframes)
+    sources = [k.source for k in keyfile.keys]
+    check_sources(sources)
+    track_path = transition_track_path(out)
+    inputs = {p.resolve() for p in [actor_path] + [s.path for s in sources if s.path is not None]
+              + ([keyfile.path] if keyfile.path else [])}
+    for written in (out, track_path):
+        if written.resolve() in inputs:
+            raise RetargetError(f"-o {out}: {written} is an input; choose another output name")
     check_writable(out.parent, "output folder")
-    kfs = parse_keyframes(keyframes)
-    times, params = interpolate_keyframes(kfs, fps, easing=easing)
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()) + (
+            ("smirk_ckpt",) if any(s.needs_tracker for s in sources) else ()):
+        layout.require(name)
+    log(describe_keys(keyfile))
+    kfs = resolve_keys(keyfile, layout=layout, device=opts.device, log=log)
+    times, params = interpolate_keyframes(kfs, fps, easing=easing)
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
     r = prepare_rendering(layout, actor_path, opts, log)
-    source = {"keyframes": str(keyframes), "fps": fps, "easing": easing}
+    source = {"keyframes": keyfile.sha256[:16], "fps": fps, "easing": easing}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     write_video(r, params, work, out, fps, opts)
+    transition_track(times, params, fps, keyfile, easing).save(track_path)
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,

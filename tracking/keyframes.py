@@ -58,23 +58,31 @@ PRESETS: dict[str, np.ndarray] = {
 
 @dataclass(frozen=True)
 class Keyframe:
-    """One authored expression: time_s (seconds, >= 0) and params (55,) float32."""
+    """One authored expression: time_s (seconds, >= 0), params (55,) float32, and hold_s
+    (seconds >= 0): the expression stays exactly as it is from time_s to time_s + hold_s, and
+    the transition to the next keyframe starts after the hold."""
 
     time_s: float
     params: np.ndarray
+    hold_s: float = 0.0
 
     def __post_init__(self):
         t = float(self.time_s)
         if not math.isfinite(t) or t < 0:
             raise RetargetError(f"keyframe time must be a finite number of seconds >= 0, got {self.time_s}")
+        h = float(self.hold_s)
+        if not math.isfinite(h) or h < 0:
+            raise RetargetError(f"keyframe at {t:g}s: hold must be a finite number of seconds >= 0, got {self.hold_s}")
         p = np.asarray(self.params, np.float64).ravel()
         if p.shape != (N_PARAMS,) or not np.isfinite(p).all():
             raise RetargetError(f"keyframe at {t:g}s: params must be {N_PARAMS} finite values, got shape {np.shape(self.params)}")
         object.__setattr__(self, "time_s", t)
+        object.__setattr__(self, "hold_s", h)
         object.__setattr__(self, "params", p.astype(np.float32))
 
 
 def _sorted_knots(keyframes: list[Keyframe]) -> tuple[np.ndarray, np.ndarray]:
+    """Knot times and values; a keyframe with a hold gives two knots (start and end of the hold)."""
     if not keyframes:
         raise RetargetError("at least one keyframe is needed")
     ordered = sorted(keyframes, key=lambda k: k.time_s)
@@ -82,20 +90,49 @@ def _sorted_knots(keyframes: list[Keyframe]) -> tuple[np.ndarray, np.ndarray]:
     if np.any(np.diff(times) <= 0):
         dup = times[1:][np.diff(times) <= 0][0]
         raise RetargetError(f"two keyframes at the same time {dup:g}s")
-    return times, np.stack([k.params.astype(np.float64) for k in ordered])
+    knots, values = [], []
+    for i, k in enumerate(ordered):
+        if i and k.time_s <= knots[-1]:
+            prev = ordered[i - 1]
+            raise RetargetError(f"the keyframe at {prev.time_s:g}s holds until {prev.time_s + prev.hold_s:g}s, "
+                                f"past the next keyframe at {k.time_s:g}s")
+        knots.append(k.time_s)
+        values.append(k.params.astype(np.float64))
+        if k.hold_s > 0:
+            knots.append(k.time_s + k.hold_s)
+            values.append(k.params.astype(np.float64))
+    return np.array(knots, np.float64), np.stack(values)
+
+
+def slerp_jaw(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Jaw poses between two axis-angle rotations: (3,), (3,), weights (T,) in [0, 1] -> (T, 3).
+
+    The FLAME jaw pose is a rotation (axis-angle, radians), so it moves along the geodesic
+    (scipy.spatial.transform.Slerp), not per component. w = 0 gives `a`, w = 1 gives `b` (up to
+    the axis-angle round trip, ~1e-16); equal rotations give `a` exactly."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    w = np.asarray(w, np.float64)
+    if np.array_equal(a, b):
+        return np.repeat(a[None], len(w), axis=0)
+    from scipy.spatial.transform import Rotation, Slerp
+
+    return Slerp([0.0, 1.0], Rotation.from_rotvec(np.stack([a, b])))(np.clip(w, 0.0, 1.0)).as_rotvec()
 
 
 def evaluate_keyframes(keyframes: list[Keyframe], times: np.ndarray, *, easing: str = "smoothstep") -> np.ndarray:
     """Expression vectors at the given times: (T,) seconds -> (T, 55) float32.
 
-    Before the first and after the last keyframe the values hold. Between keyframes:
-    "linear" moves at constant speed; "smoothstep" eases in and out of every keyframe
-    (speed zero at each one, so each transition starts and ends gently); "cubic" passes
-    through the keyframes without stopping, C1-continuous, using monotone piecewise-cubic
-    Hermite interpolation (PCHIP), which never overshoots: each value stays between those
-    of the neighbouring keyframes, so eyelids stay in [0, 1] and the jaw never opens
-    negatively. With two keyframes "cubic" is linear. At keyframe times the keyframe's own
-    values are returned exactly.
+    Before the first and after the last keyframe (and through every keyframe's hold) the values
+    hold. Expression and eyelids move per coefficient: "linear" at constant speed;
+    "smoothstep" eases in and out of every keyframe (speed zero at each one, so each
+    transition starts and ends gently); "cubic" passes through the keyframes without
+    stopping, C1-continuous, using monotone piecewise-cubic Hermite interpolation (PCHIP),
+    which never overshoots: each value stays between those of the neighbouring keyframes, so
+    eyelids stay in [0, 1]. With two keyframes "cubic" is linear. The jaw (52:55) is a
+    rotation and moves along the geodesic between keyframes (`slerp_jaw`), with the segment's
+    progress eased the same way ("cubic": a PCHIP through the keyframe numbers). At keyframe
+    times the keyframe's own values are returned exactly.
     """
     if easing not in EASINGS:
         raise RetargetError(f"unknown easing {easing!r}; choose one of {', '.join(EASINGS)}")
@@ -110,12 +147,18 @@ def evaluate_keyframes(keyframes: list[Keyframe], times: np.ndarray, *, easing: 
         from scipy.interpolate import PchipInterpolator
 
         out = PchipInterpolator(knots, values, axis=0, extrapolate=False)(tc)
+        progress = PchipInterpolator(knots, np.arange(len(knots), dtype=np.float64), extrapolate=False)(tc)
+        seg = np.clip(np.floor(progress).astype(int), 0, len(knots) - 2)
+        w = np.clip(progress - seg, 0.0, 1.0)
     else:
         seg = np.clip(np.searchsorted(knots, tc, side="right") - 1, 0, len(knots) - 2)
         u = (tc - knots[seg]) / (knots[seg + 1] - knots[seg])
         w = u if easing == "linear" else u * u * (3.0 - 2.0 * u)
         # (1 - w) a + w b rather than a + w (b - a): exact at both ends of each segment.
         out = (1.0 - w)[:, None] * values[seg] + w[:, None] * values[seg + 1]
+    for k in np.unique(seg):
+        rows = seg == k
+        out[rows, JAW] = slerp_jaw(values[k, JAW], values[k + 1, JAW], w[rows])
     hit = np.searchsorted(knots, tc)
     exact = (hit < len(knots)) & (knots[np.minimum(hit, len(knots) - 1)] == tc)
     out[exact] = values[hit[exact]]
@@ -131,8 +174,8 @@ def interpolate_keyframes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample keyframes at a frame rate: returns (times (T,) float64 s, params (T, 55) float32).
 
-    Frames are at i / fps from 0 up to `duration` seconds (default: the last keyframe's time),
-    both ends included when they fall on a frame. See `evaluate_keyframes` for the easings.
+    Frames are at i / fps from 0 up to `duration` seconds (default: the last keyframe's time,
+    plus its hold), both ends included when they fall on a frame. See `evaluate_keyframes` for the easings.
     """
     fps = float(fps)
     if not math.isfinite(fps) or fps <= 0:
@@ -162,23 +205,14 @@ def _number(value, where: str) -> float:
     return float(value)
 
 
-def _parse_entry(entry, where: str) -> Keyframe:
-    if not isinstance(entry, dict):
-        raise RetargetError(f"{where} must be an object like {{\"time\": 0.0, \"preset\": \"neutral\"}}")
-    unknown = sorted(set(entry) - set(_FIELDS))
-    if unknown:
-        raise RetargetError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
-    if "time" not in entry:
-        raise RetargetError(f"{where}: missing \"time\" (seconds)")
-    time_s = _number(entry["time"], f"{where} time")
-    if time_s < 0:
-        raise RetargetError(f"{where}: time must be >= 0 seconds, got {time_s:g}")
+NUMBER_FIELDS = ("expression", "eyelids", "jaw")
 
-    preset = entry.get("preset", "neutral")
-    if preset not in PRESETS:
-        raise RetargetError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    params = PRESETS[preset].copy()
 
+def apply_numbers(base: np.ndarray, entry: dict, where: str) -> np.ndarray:
+    """`base` (55,) with the number fields of `entry` ("expression", "eyelids", "jaw", in the
+    keyframe file's format above) written over it; other keys are ignored. Returns a new
+    float64 (55,) array; RetargetError naming `where` for malformed or out-of-range values."""
+    params = np.array(base, np.float64).reshape(N_PARAMS)
     if "expression" in entry:
         exp = entry["expression"]
         if isinstance(exp, dict):
@@ -222,6 +256,25 @@ def _parse_entry(entry, where: str) -> Keyframe:
         if max(abs(values[1]), abs(values[2])) > JAW_SIDE_LIMIT:
             raise RetargetError(f"{where}: jaw[1] and jaw[2] must be within +-{JAW_SIDE_LIMIT}")
         params[JAW] = values
+    return params
+
+
+def _parse_entry(entry, where: str) -> Keyframe:
+    if not isinstance(entry, dict):
+        raise RetargetError(f"{where} must be an object like {{\"time\": 0.0, \"preset\": \"neutral\"}}")
+    unknown = sorted(set(entry) - set(_FIELDS))
+    if unknown:
+        raise RetargetError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
+    if "time" not in entry:
+        raise RetargetError(f"{where}: missing \"time\" (seconds)")
+    time_s = _number(entry["time"], f"{where} time")
+    if time_s < 0:
+        raise RetargetError(f"{where}: time must be >= 0 seconds, got {time_s:g}")
+
+    preset = entry.get("preset", "neutral")
+    if preset not in PRESETS:
+        raise RetargetError(f"{where}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    params = apply_numbers(PRESETS[preset], entry, where)
     return Keyframe(time_s, params)
 
 

@@ -381,7 +381,7 @@ def _auto_workers(requested: int, n_frames: int | None = None) -> int:
 def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
     """The SMIRK input for one face: (224, 224, 3) uint8 RGB, the square around the face's
     landmarks enlarged 1.4x (SPEC.md §5). The encoder divides by 255, as SMIRK's demo does
-    with its 8-bit crops; those are truncated, ours rounded (within one level, see
+    with its 8-bit crops, which this one equals (truncated, not rounded: see
     tracking.align.smirk_crop)."""
     from tracking.align import smirk_crop
 

@@ -9,7 +9,7 @@ import pytest
 
 from render.errors import RetargetError
 from tracking.keyframes import (
-    PRESETS, Keyframe, evaluate_keyframes, interpolate_keyframes, parse_keyframes,
+    PRESETS, Keyframe, evaluate_keyframes, interpolate_keyframes, parse_keyframes, slerp_jaw,
 )
 
 EASINGS = ("smoothstep", "linear", "cubic")
@@ -45,7 +45,9 @@ def test_monotone_and_bounded_between_keyframes(easing):
     knots = np.array([k.time_s for k in kfs])
     values = np.stack([k.params for k in kfs]).astype(np.float64)
     t = np.linspace(0, 2, 801)
-    p = evaluate_keyframes(kfs, t, easing=easing).astype(np.float64)
+    # Expression and eyelids move per coefficient (the jaw is a rotation: test_jaw_* below).
+    p = evaluate_keyframes(kfs, t, easing=easing).astype(np.float64)[:, :52]
+    values = values[:, :52]
     for i in range(len(kfs) - 1):
         seg = (t >= knots[i]) & (t <= knots[i + 1])
         d = np.diff(p[seg], axis=0)
@@ -150,3 +152,56 @@ def test_bad_file_named_in_error(tmp_path):
     bad.write_text('[{"time": 0, "eyelids": 3}]')
     with pytest.raises(RetargetError, match=r"bad\.json: keyframe 0"):
         parse_keyframes(bad)
+
+
+def _jaw(open_, side, fwd):
+    p = np.zeros(55)
+    p[52:55] = [open_, side, fwd]
+    return p
+
+
+@pytest.mark.parametrize("easing", EASINGS)
+def test_jaw_moves_along_the_geodesic_through_its_midpoint(easing):
+    from scipy.spatial.transform import Rotation
+
+    a, b = np.array([0.05, 0.2, -0.2]), np.array([0.6, -0.2, 0.15])
+    kfs = [Keyframe(0.0, _jaw(*a)), Keyframe(1.0, _jaw(*b))]
+    ra, rb = Rotation.from_rotvec(a), Rotation.from_rotvec(b)
+    total = (ra.inv() * rb).magnitude()
+    # The geodesic midpoint: a rotated by half of the relative rotation.
+    mid = (ra * Rotation.from_rotvec((ra.inv() * rb).as_rotvec() / 2)).as_rotvec()
+    got = evaluate_keyframes(kfs, [0.5], easing=easing)[0, 52:55]  # every easing is symmetric: w(0.5) = 0.5
+    np.testing.assert_allclose(got, mid, atol=1e-6)
+    assert np.abs(mid - (a + b) / 2).max() > 1e-3  # ... which is not the per-component average
+    t = np.linspace(0, 1, 101)
+    jaw = evaluate_keyframes(kfs, t, easing=easing)[:, 52:55].astype(np.float64)
+    r = Rotation.from_rotvec(jaw)
+    to_a, to_b = (ra.inv() * r).magnitude(), (r.inv() * rb).magnitude()
+    np.testing.assert_allclose(to_a + to_b, total, atol=1e-5)  # on the geodesic, never off it
+    assert np.all(np.diff(to_a) >= -1e-6)  # and moving one way
+    np.testing.assert_array_equal(jaw[[0, -1]], np.float32([a, b]))
+
+
+def test_slerp_jaw_ends_and_equal_rotations():
+    a, b = np.array([0.1, 0.0, 0.1]), np.array([0.3, 0.1, -0.1])
+    np.testing.assert_allclose(slerp_jaw(a, b, np.array([0.0, 1.0])), [a, b], atol=1e-12)
+    np.testing.assert_array_equal(slerp_jaw(a, a, np.array([0.3, 0.7])), [a, a])
+
+
+@pytest.mark.parametrize("easing", EASINGS)
+def test_hold_keeps_the_keyframe_flat_then_moves(easing):
+    rng = np.random.default_rng(3)
+    p0, p1, p2 = (np.clip(rng.normal(0, 0.3, 55), -0.2, 0.2) for _ in range(3))
+    kfs = [Keyframe(0.0, p0), Keyframe(1.0, p1, hold_s=0.5), Keyframe(2.0, p2)]
+    times, params = interpolate_keyframes(kfs, 10, easing=easing)
+    assert len(times) == 21
+    # 1.0 .. 1.5 s: exactly the keyframe's values, every frame.
+    np.testing.assert_array_equal(params[10:16], np.repeat(np.float32(p1)[None], 6, 0))
+    np.testing.assert_array_equal(params[0], np.float32(p0))
+    np.testing.assert_array_equal(params[20], np.float32(p2))
+    assert not np.array_equal(params[16], params[15]) and not np.array_equal(params[9], params[10])
+    # A hold on the last keyframe lengthens the clip.
+    times, _ = interpolate_keyframes([Keyframe(0.0, p0), Keyframe(1.0, p1, hold_s=1.0)], 10, easing=easing)
+    assert times[-1] == pytest.approx(2.0)
+    with pytest.raises(RetargetError, match="holds until 1.5s, past the next keyframe at 1.2s"):
+        evaluate_keyframes([Keyframe(1.0, p1, hold_s=0.5), Keyframe(1.2, p2)], [0.0])
