@@ -280,7 +280,9 @@ def cmd_edit(args) -> int:
     from retarget.run import RunOptions
 
     if args.add is None:
-        raise RetargetError("edit: --add SOURCE is required (a preset, numbers such as jaw=0.3, a photo or CLIP@SEC)")
+        from retarget.sources import HELP
+
+        raise RetargetError(f"edit: --add SOURCE is required: {HELP}")
     summary = edit(args.actor, args.output, dataclass_from_args(EditOptions, args),
                    dataclass_from_args(RunOptions, args, start=None, end=None, gain=None),
                    dataclass_from_args(RetakeOptions, args),
@@ -302,10 +304,11 @@ def register_edit(sub, formatter, examples, add_weights_arg) -> None:
                     "over a time range (eased in and out), and re-render each frame with that frame as its "
                     "reference: head motion, light and background stay as filmed.",
         epilog=examples(f"""
-            retarget edit take.mp4 --add jaw=0.2 -o edited.mp4
+            retarget edit take.mp4 --add '{{"jaw": 0.2}}' -o edited.mp4
             retarget edit take.mp4 --add smile.jpg --gain 0.6 --start 2 --end 3.5 --ease 0.3 -o edited.mp4
             retarget edit take.mp4 --add other.mp4@1.2 --gain jaw=0,expression=0.8 -o edited.mp4
-            presets: {", ".join(PRESETS)}
+            retarget edit take.mp4 --add jaw_open --gain 0.5 --start 1 --end 1.4 -o edited.mp4
+            built-in presets: {", ".join(PRESETS)} (and yours: retarget preset list)
         """))
     p.add_argument("actor", help="video of the actor (mp4/mov/webm/mkv) or a folder of frames")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")

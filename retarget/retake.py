@@ -61,7 +61,7 @@ class RetakeOptions:
 class EditOptions:
     """`retarget edit`: an expression source added to the take's own expressions over a time range."""
 
-    add: str = field(default="neutral", metadata={"help": "expression source: a preset, numbers (jaw=0.3,eyelids=1,3=1.5), a photo, or CLIP@SEC", "metavar": "SOURCE"})
+    add: str = field(default="neutral", metadata={"help": "expression source: a photo, CLIP@SEC, CLIP#FRAME, TRACK.npz#N, a preset, or numbers ({\"jaw\": 0.2})", "metavar": "SOURCE"})
     gain: str | None = field(default=None, metadata={"help": "gain on the source's offset from neutral: G, or per part (jaw=1.2,expression=0.5)", "metavar": "G"})
     start: float | None = field(default=None, metadata={"help": "first second of the edit (default: the clip's start)", "metavar": "SEC"})
     end: float | None = field(default=None, metadata={"help": "last second of the edit (default: the clip's end)", "metavar": "SEC"})
@@ -448,7 +448,7 @@ def edit(actor_path: str | os.PathLike, out: str | os.PathLike, edit_options: Ed
         raise RetargetError("--audio drive: edit has no driving video; use actor or none")
     if not np.isfinite(eo.ease) or eo.ease < 0:
         raise RetargetError(f"--ease must be >= 0 seconds, got {eo.ease}")
-    offset, what = expression_source(eo.add, layout, device)
+    offset, what = expression_source(eo.add, layout, device, log)
 
     take = analyse_actor(actor_path, reader, choice, layout, device, opts, ro, _arcface(layout, device), log)
     u = take.times - take.times[0]
@@ -493,69 +493,15 @@ def edit_weight(u: np.ndarray, *, start: float | None, end: float | None, ease: 
     return (x * x * (3.0 - 2.0 * x)).astype(np.float32)
 
 
-def expression_source(spec: str, layout, device: str) -> tuple[np.ndarray, str]:
-    """An expression source -> ((55,) float32 offset from neutral, description).
+def expression_source(spec: str, layout, device: str, log=print) -> tuple[np.ndarray, str]:
+    """`--add SOURCE` -> ((55,) float32 offset from neutral, the source as written). SOURCE is an
+    expression source as everywhere else (retarget.sources: a photo, CLIP@SEC or CLIP#N, a track row,
+    a preset, or JSON numbers); neutral is the zero vector (the preset "neutral"), so the offset is the
+    source's vector. Pictures are tracked here, before any diffusion model loads."""
+    from retarget.sources import parse_source, resolve_sources
 
-    Stand-in until `retarget.sources` (issue 10) parses expression sources for every command: a preset
-    name, numbers (`jaw=0.3,eyelids=1,3=1.5`: keyframe fields, an integer is an expression coefficient),
-    a JSON keyframe object, a photo (its tracked expression), or `CLIP@SEC` (the clip's frame nearest
-    SEC). Neutral is the zero vector, so the offset is the source's vector."""
-    import json
-
-    from retarget.run import track_still
-    from tracking.keyframes import PRESETS, parse_keyframes
-
-    text = spec.strip()
-    if text in PRESETS:
-        return PRESETS[text].astype(np.float32), f"preset {text}"
-    if text.startswith("{"):
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RetargetError(f"--add {spec!r} is not valid JSON ({e.msg})") from None
-        if not isinstance(fields, dict):
-            raise RetargetError(f"--add {spec!r}: expected a JSON object of keyframe fields")
-        return parse_keyframes(json.dumps([{"time": 0, **fields}]))[0].params, "keyframe values"
-    clip, sep, when = text.rpartition("@")
-    if sep and Path(clip).exists():
-        return _clip_expression(Path(clip), when, layout, device), f"{Path(clip).name} at {when}s"
-    if Path(text).is_file():
-        return track_still(Path(text), layout, device).astype(np.float32), f"photo {Path(text).name}"
-    if "=" in text:
-        entry: dict = {"time": 0}
-        expression: dict = {}
-        for item in text.split(","):
-            key, _, value = item.partition("=")
-            key = key.strip()
-            try:
-                number = float(value)
-            except ValueError:
-                raise RetargetError(f"--add {spec!r}: {value!r} is not a number") from None
-            if key.isdigit():
-                expression[key] = number
-            elif key in ("jaw", "eyelids"):
-                entry[key] = number
-            else:
-                raise RetargetError(f"--add {spec!r}: {key!r} is not jaw, eyelids or an expression index 0-49")
-        if expression:
-            entry["expression"] = expression
-        return parse_keyframes(json.dumps([entry]))[0].params, text
-    raise RetargetError(f"--add {spec!r}: not a preset ({', '.join(PRESETS)}), numbers (jaw=0.3), "
-                        "a photo or CLIP@SEC that exists")
-
-
-def _clip_expression(clip: Path, when: str, layout, device: str) -> np.ndarray:
-    from tracking.tracker import TrackOptions, track_video
-
-    try:
-        t = float(when)
-    except ValueError:
-        raise RetargetError(f"--add {clip}@{when}: {when!r} is not a time in seconds") from None
-    track = track_video(clip, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
-                        options=TrackOptions(smoothing="none", device=device, start=max(0.0, t - 0.5), end=t + 0.5),
-                        progress=False)
-    ok = np.flatnonzero(track.valid)
-    return track.raw[ok[np.argmin(np.abs(track.times[ok] - t))]].astype(np.float32)
+    src = parse_source(spec, where="--add")
+    return resolve_sources([src], layout=layout, device=device, log=log)[0].astype(np.float32), src.text
 
 
 def _clamp(params: np.ndarray) -> np.ndarray:

@@ -130,11 +130,11 @@ def test_parse_edit_gain_and_numbers_source():
 
     assert parse_edit_gain("0.5") == {"expression": 0.5, "eyelids": 0.5, "jaw": 0.5}
     assert parse_edit_gain("jaw=2")["jaw"] == 2.0 and parse_edit_gain("jaw=2")["expression"] == 1.0
-    vec, _ = expression_source("jaw=0.3,eyelids=1,3=1.5", None, "cpu")
+    vec, _ = expression_source('{"jaw": 0.3, "eyelids": 1, "expression": {"3": 1.5}}', None, "cpu")
     assert vec[52] == pytest.approx(0.3) and vec[50] == vec[51] == 1.0 and vec[3] == 1.5
     assert expression_source("jaw_open", None, "cpu")[0][52] > 0
     with pytest.raises(RetargetError, match="--add"):
-        expression_source("nose=3", None, "cpu")
+        expression_source('{"nose": 3}', None, "cpu")
 
 
 def test_face_choice_parse_and_follow():
@@ -201,14 +201,15 @@ def test_retake_frames_rate_audio_and_neutral_driver(clips, tiny_weights, tmp_pa
     assert "0 actor frames without the face" in s.line()
     retaken = _frames(tmp_path / "retake.frames")
 
-    e0 = edit(clips["take"], tmp_path / "e0.mp4", EditOptions(add="jaw=0.3", gain="0"),
+    e0 = edit(clips["take"], tmp_path / "e0.mp4", EditOptions(add='{"jaw": 0.3}', gain="0"),
               _opts(tmp_path, "e0"), weights=tiny_weights, **QUIET)
     np.testing.assert_allclose(e0.params, s.params, atol=1e-5)  # the still driver's change is ~0
     own = _frames(tmp_path / "e0.frames")
     for a, b in zip(own, retaken):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # params equal to 1e-5: pixels within rounding
 
-    e1 = edit(clips["take"], tmp_path / "e1.mp4", EditOptions(add="0=300,1=-300,2=300,jaw=0.2", start=0.12, end=0.12, ease=0.04),
+    e1 = edit(clips["take"], tmp_path / "e1.mp4", EditOptions(add='{"expression": {"0": 300, "1": -300, "2": 300}, "jaw": 0.2}',
+                                                         start=0.12, end=0.12, ease=0.04),
               _opts(tmp_path, "e1"), weights=tiny_weights, **QUIET)
     edited = _frames(tmp_path / "e1.frames")
     assert np.array_equal(e1.params[:3], e0.params[:3])  # frame 2 is at 0.08 s = start - ease: weight 0
