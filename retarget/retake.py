@@ -37,9 +37,11 @@ from retarget.run import (
 )
 
 IDENTITY_FRAMES = 5  # sharp frontal frames averaged for the default identity
-# Alignment smoothing: the zero-phase filter of the expressions, with a higher cutoff, since the
-# head moves faster than the smoothing of expressions allows (a pasted face must follow the head).
-ALIGN_CUTOFF_HZ = 6.0
+IDENTITY_FRAME_TOLERANCE_S = 0.5  # --identity-frame: the face must be seen this close to the time given
+# Alignment smoothing: the expressions' zero-phase filter with a cutoff a little higher (the pasted face
+# must follow the head); at 25 fps, 3 Hz halves a detector's frame-to-frame jitter (white noise, measured
+# in tests/retarget/test_retake.py) and keeps steady motion exactly (local-linear: no lag).
+ALIGN_CUTOFF_HZ = 3.0
 FFHQ_SIZE = 512  # the aligned reference crop, as the photo path's prepare_actor
 ANALYSIS = "actor.analysis.npz"
 
@@ -177,6 +179,8 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
     from tracking.smirk import load_smirk_encoder
     from tracking.tracker import encoder_crop
 
+    # The pipeline's backend (68 landmarks for the FFHQ alignment, as prepare_actor), on every frame:
+    # the pasted region must sit on this frame's face.
     backend = make_face_backend("auto", antelopev2_dir=layout.optional("antelopev2"))
     encoder = load_smirk_encoder(layout.smirk_ckpt, device=device, dtype=torch.float32)
     subject = Subject(choice, "--actor-face")
@@ -227,15 +231,17 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
         raise RetargetError(f"no face found in any of the {n} frames of actor video {path} "
                             f"(face backend: {backend.name}; --actor-face {ro.actor_face})")
     times_arr = np.array(times, np.float64)
-    lmk = sm.fill_invalid(np.stack(lmks).reshape(n, -1).astype(np.float32), valid_arr, times_arr)
-    lmk = sm.smooth(lmk, times_arr, "zero_phase", cutoff_hz=ALIGN_CUTOFF_HZ).reshape(n, 68, 2)
+    lmk = smooth_alignment(np.stack(lmks), valid_arr, times_arr)
     params = sm.fill_invalid(np.stack(raw), valid_arr, times_arr)
     params = sm.smooth(params, times_arr, opts.smooth) if opts.smooth != "none" else params.astype(np.float32)
 
     if ro.identity is not None:
         identity, note = identity_from_photo(Path(ro.identity), backend, arcface)
     elif ro.identity_frame is not None:
-        _, i, rgb, face = at_frame
+        gap, i, rgb, face = at_frame
+        if gap > IDENTITY_FRAME_TOLERANCE_S:
+            raise RetargetError(f"--identity-frame {ro.identity_frame:g}: no frame with the face within "
+                                f"{IDENTITY_FRAME_TOLERANCE_S:g}s (nearest: {times_arr[i]:.2f}s)")
         identity = embed_aligned(rgb, face, arcface)
         note = f"actor frame {i} ({times_arr[i]:.2f}s, --identity-frame {ro.identity_frame:g})"
     else:
@@ -249,6 +255,18 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
     log(f"{path.name}: {n} frames at {reader.fps:.2f} fps, the face in {int(valid_arr.sum())}/{n}; {report}")
     return ActorTake(times_arr, valid_arr, lmk.astype(np.float32), params.astype(np.float32),
                      np.asarray(identity, np.float32), note, reader.fps, report)
+
+
+def smooth_alignment(lmk68: np.ndarray, valid: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """(T, 68, 2) landmarks (NaN where `valid` is False) -> (T, 68, 2) float32 smoothed over time:
+    gaps filled from their neighbours, then the zero-phase filter at ALIGN_CUTOFF_HZ (no lag; steady
+    motion kept exactly), so the aligned crop and the pasted region follow the head without the
+    detector's frame-to-frame jitter."""
+    from tracking import smoothing as sm
+
+    n = len(times)
+    flat = sm.fill_invalid(np.asarray(lmk68, np.float32).reshape(n, -1), np.asarray(valid, bool), times)
+    return sm.smooth(flat, times, "zero_phase", cutoff_hz=ALIGN_CUTOFF_HZ).reshape(n, 68, 2).astype(np.float32)
 
 
 def identity_from_photo(path: Path, backend, arcface) -> tuple[np.ndarray, str]:
