@@ -366,3 +366,30 @@ def test_drive_face_follows_the_chosen_driver(clips, tiny_weights, tmp_path):
     right = track(pair, "240,80")
     np.testing.assert_allclose(right, track(right_only, "1"), atol=2e-4)  # (tracked parameters: float order)
     assert np.abs(right - track(pair, "80,80")).max() > 1e-2
+
+
+def test_identity_sources_match_the_photo_path(clips, tiny_weights, tmp_path, pipe):
+    """--identity PHOTO, --identity-frame SEC and the default mean all embed a face as prepare_actor does."""
+    from render.storyboard import save_image
+    from render.video import open_video
+    from retarget.retake import analyse_actor
+    from retarget.weights import WeightsLayout
+    from tracking.choice import FaceChoice
+
+    layout = WeightsLayout(tiny_weights)
+    photo = tmp_path / "frame1.png"
+    save_image(photo, clips["frames"][1])
+    expected = pipe.prepare_actor(clips["frames"][1], seed=0).arcface
+
+    def take(**kw):
+        ro = RetakeOptions(**kw)
+        return analyse_actor(clips["take"], open_video(clips["take"]), FaceChoice(), layout, "cpu", RunOptions(),
+                             ro, pipe.arcface, lambda *_: None)
+
+    by_photo, by_frame, default = take(identity=str(photo)), take(identity_frame=0.05), take()
+    np.testing.assert_allclose(by_photo.identity, expected, atol=1e-5)
+    np.testing.assert_allclose(by_frame.identity, expected, atol=1e-5)  # 0.05 s: frame 1 (0.04 s) is nearest
+    assert "photo frame1.png" in by_photo.identity_note and "actor frame 1 (0.04s" in by_frame.identity_note
+    assert default.identity_note.startswith("mean ArcFace of 4") and np.linalg.norm(default.identity) == pytest.approx(1)
+    with pytest.raises(RetargetError, match="--identity-frame 9: no frame with the face within"):
+        take(identity_frame=9.0)
