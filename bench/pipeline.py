@@ -15,6 +15,9 @@ once-per-video costs (identity embedding, reference VAE encode, writer pass) and
     fused      LoRA folded into the weights for the loop (pipe.fuse_loras)
     fused_kv   fused + bank keys/values once per loop, one projection for both CFG halves (the default)
     compiled   fused_kv + torch.compile(unet, mode="reduce-overhead") (opt-in; GPU, --compile-batches)
+    per_frame_ref  fused_kv with a reference per frame (an actor video, retarget/retake.py): each call also
+               VAE-encodes its B reference frames and runs the writer once on them (pipe.frame_references);
+               its ratio to fused_kv is the cost of per-frame references
 
 Variants are interleaved per (mode, B) so that clock drift hits them alike. The GPU run also checks that
 the variants give the same frames (fp16 pixel differences against the baseline).
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--variants", default="baseline,fused,fused_kv,compiled", help="see the module docstring")
+    ap.add_argument("--variants", default="baseline,fused,fused_kv,per_frame_ref,compiled",
+                    help="see the module docstring")
     ap.add_argument("--compile-batches", default="1,8", help="batch sizes for the compiled variant (GPU only)")
     ap.add_argument("--deadline", type=float, default=1e9,
                     help="seconds after start past which no further compiled batch is started")
@@ -257,25 +261,32 @@ def main(argv=None) -> int:
         """Switch the pipeline to `variant` (see the module docstring)."""
         pipe.unfuse_loras()
         pipe.fuse_loras = variant != "baseline"
-        pipe.reference_state.fast = variant in ("fused_kv", "compiled")
+        pipe.reference_state.fast = variant in ("fused_kv", "compiled", "per_frame_ref")
         if variant == "compiled":
             if pipe._compiled_unet is None:
                 pipe.compile_unet("reduce-overhead", dynamic=False)
         else:
             pipe._compiled_unet = None
 
+    frames = rng.integers(0, 256, (max(batches), pipe.image_size, pipe.image_size, 3), dtype=np.uint8)
+
+    def render(variant: str, expr: np.ndarray, **call):
+        """One call as a job makes it: per_frame_ref first encodes its frames' references (writer once)."""
+        who = pipe.frame_references(actor, frames[:len(expr)], seed=0) if variant == "per_frame_ref" else actor
+        return pipe(who, expr, **call)
+
     def measure(mode: str, b: int, variant: str = "baseline", **call):
         use(variant)
         expr = np.random.default_rng(b).standard_normal((b, 55)).astype(np.float32)
         try:
             t0 = time.perf_counter()
-            pipe(actor, expr, seed=0, **dict(call, steps=min(2, call["steps"])))  # warm-up (and compile)
+            render(variant, expr, seed=0, **dict(call, steps=min(2, call["steps"])))  # warm-up (and compile)
             sync(device)
             first_s = time.perf_counter() - t0
             if variant == "compiled":  # cudagraph trees record on a later call
                 pipe(actor, expr, seed=0, **dict(call, steps=min(2, call["steps"])))
             reset_peak(device)
-            sec = timed(lambda: pipe(actor, expr, seed=0, **call), device, repeat_small if b <= 4 else repeat_big)
+            sec = timed(lambda: render(variant, expr, seed=0, **call), device, repeat_small if b <= 4 else repeat_big)
             row = dict(mode=mode, variant=variant, batch=b, seconds=sec, frames_per_s=b / sec,
                        ms_per_frame=1e3 * sec / b, peak_mem_gb=peak_gb(device), first_call_s=first_s)
         except torch.cuda.OutOfMemoryError:
@@ -299,12 +310,16 @@ def main(argv=None) -> int:
         outs = {}
         for variant in [v for v in variants if v != "compiled"]:
             use(variant)
-            outs[variant] = pipe(actor, expr2, seed=3, **dict(call, steps=min(call["steps"], 8)), output_type="float")
+            who = actor
+            if variant == "per_frame_ref":  # every row's reference the fixed one: the same frames
+                who = pipe.frame_references(actor, np.stack([ref_img] * len(expr2)), seed=0)
+            outs[variant] = pipe(who, expr2, seed=3, **dict(call, steps=min(call["steps"], 8)), output_type="float")
+        first = "baseline" if "baseline" in outs else next(iter(outs), None)  # (--variants without baseline)
         for variant, out in outs.items():
-            if variant != "baseline" and "baseline" in outs:
-                d = np.abs(out - outs["baseline"])
-                same[f"{mode}/{variant}"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()),
-                                             "max_uint8": int(np.abs(np.round(out * 255) - np.round(outs["baseline"] * 255)).max())}
+            if variant != first:
+                d = np.abs(out - outs[first])
+                same[f"{mode}/{variant}"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "vs": first,
+                                             "max_uint8": int(np.abs(np.round(out * 255) - np.round(outs[first] * 255)).max())}
     extra["equality_vs_baseline_8_steps"] = same
     print("frames vs baseline (8 steps, pixels in [0, 1]): " + ", ".join(
         f"{k} max {v['max_abs']:.2e} mean {v['mean_abs']:.2e}" for k, v in same.items()), flush=True)
@@ -328,6 +343,16 @@ def main(argv=None) -> int:
             for variant in variants:
                 if variant != "compiled":
                     measure(mode, b, variant, **call)
+
+    # the cost of a reference per frame, per (mode, B): fused_kv time / per_frame_ref time
+    cells = {(r["mode"], r["batch"], r["variant"]): r for r in rows if "error" not in r}
+    extra["per_frame_ref_vs_fixed"] = {
+        f"{m}/B={b}": dict(fixed_s=cells[(m, b, "fused_kv")]["seconds"], per_frame_s=cells[(m, b, "per_frame_ref")]["seconds"],
+                           extra_pct=100 * (cells[(m, b, "per_frame_ref")]["seconds"] / cells[(m, b, "fused_kv")]["seconds"] - 1))
+        for (m, b, v) in list(cells) if v == "per_frame_ref" and (m, b, "fused_kv") in cells}
+    for k, v in extra["per_frame_ref_vs_fixed"].items():
+        print(f"per-frame reference {k}: +{v['extra_pct']:.1f}% time over the fixed reference", flush=True)
+    save()
 
     vb = 8 if 8 in batches else batches[-1]
     measure("dpm++25_cfg", vb, "fused_kv", **dict(modes["dpm++25_cfg_ref"], ref_strength=0.0))

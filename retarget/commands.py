@@ -11,10 +11,21 @@ from retarget.cliargs import add_dataclass_options, dataclass_from_args
 # --------------------------------------------------------------------------- run
 
 def cmd_run(args) -> int:
+    from retarget.retake import RetakeOptions, is_video_actor, retake
     from retarget.run import RunOptions, run
 
     opts = dataclass_from_args(RunOptions, args)
-    summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
+    if is_video_actor(args.actor):
+        summary = retake(args.drive, args.actor, args.output, opts, dataclass_from_args(RetakeOptions, args),
+                         weights=args.weights)
+    else:
+        import dataclasses
+
+        video_only = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(RetakeOptions)
+                      if getattr(args, f.name) != f.default]
+        if video_only:
+            raise RetargetError(f"{', '.join(video_only)}: for an actor video; {args.actor} is a photo")
+        summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
     print(summary.line())
     return 0
 
@@ -164,11 +175,20 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
             retarget run drive.mp4 actor.jpg -o out.mp4 --resume     # after an interruption
         """))
     p.add_argument("drive", help="driving video (mp4/mov/webm/mkv), folder of frames, or image")
-    p.add_argument("actor", help="photo of the actor (the largest face is used)")
+    p.add_argument("actor", help="photo of the actor (the largest face is used), or a video of the actor: "
+                                 "each output frame then takes its reference from the actor frame at that time")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions)
+    from retarget.retake import RetakeOptions
+
+    add_dataclass_options(p, RetakeOptions)
+    p.epilog += examples("""
+        retarget run drive.mp4 take.mp4 -o retake.mp4                  # re-perform a take (relative)
+        retarget run drive.mp4 take.mp4 -o retake.mp4 --driver-end loop --actor-face 640,360
+    """).replace("examples:", "", 1)
     p.set_defaults(func=cmd_run)
+    register_edit(sub, formatter, examples, add_weights_arg)
 
     from tracking.export import CSV_WHICH
     from tracking.keyframes import EASINGS, PRESETS
@@ -287,3 +307,51 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     from retarget import preset_cli
 
     preset_cli.register(sub, formatter, examples, add_weights_arg)
+
+
+# --------------------------------------------------------------------------- edit (an actor video)
+
+def cmd_edit(args) -> int:
+    from retarget.retake import EditOptions, RetakeOptions, edit
+    from retarget.run import RunOptions
+
+    if args.add is None:
+        from retarget.sources import HELP
+
+        raise RetargetError(f"edit: --add SOURCE is required: {HELP}")
+    summary = edit(args.actor, args.output, dataclass_from_args(EditOptions, args),
+                   dataclass_from_args(RunOptions, args, start=None, end=None, gain=None),
+                   dataclass_from_args(RetakeOptions, args),
+                   weights=args.weights)
+    print(summary.line())
+    return 0
+
+
+def register_edit(sub, formatter, examples, add_weights_arg) -> None:
+    """`retarget edit ACTOR.mp4 --add SOURCE`: change the expressions of real footage."""
+    from retarget.retake import EditOptions, RetakeOptions
+    from retarget.run import RunOptions
+    from tracking.keyframes import PRESETS
+
+    p = sub.add_parser(
+        "edit", help="actor video + an expression -> the same take with that expression added",
+        formatter_class=formatter,
+        description="Track the take's own expressions, add the offset of an expression source from neutral "
+                    "over a time range (eased in and out), and re-render each frame with that frame as its "
+                    "reference: head motion, light and background stay as filmed.",
+        epilog=examples(f"""
+            retarget edit take.mp4 --add '{{"jaw": 0.2}}' -o edited.mp4
+            retarget edit take.mp4 --add smile.jpg --gain 0.6 --start 2 --end 3.5 --ease 0.3 -o edited.mp4
+            retarget edit take.mp4 --add other.mp4@1.2 --gain jaw=0,expression=0.8 -o edited.mp4
+            retarget edit take.mp4 --add jaw_open --gain 0.5 --start 1 --end 1.4 -o edited.mp4
+            built-in presets: {", ".join(PRESETS)} (and yours: retarget preset list)
+        """))
+    p.add_argument("actor", help="video of the actor (mp4/mov/webm/mkv) or a folder of frames")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
+    add_weights_arg(p)
+    add_dataclass_options(p, EditOptions)
+    p.set_defaults(add=None)
+    # --smooth smooths the take's own expressions; --preview shows actor | output.
+    add_dataclass_options(p, RunOptions, exclude=tuple(k for k in DRIVING_ONLY if k not in ("smooth", "preview")))
+    add_dataclass_options(p, RetakeOptions, exclude=("absolute", "driver_end", "drive_face"))
+    p.set_defaults(func=cmd_edit)

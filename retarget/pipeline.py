@@ -297,6 +297,40 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         """The writer pass (SPEC.md §4): once per video; the bank serves every frame and step."""
         return ref_adapter.write_bank(self.unet, self.reference_state, ref_latent, id_embeds)
 
+    @torch.no_grad()
+    def frame_references(self, actor: Actor, crops: np.ndarray, *, seed: int | None = None,
+                         ref_latent: str = "sample") -> Actor:
+        """A copy of `actor` whose reference is per frame: crops (B, S, S, 3) uint8 FFHQ-aligned frames of an
+        actor video. The VAE encodes them in one batch; with "sample", every row draws the same noise
+        (a fresh generator seeded with `seed`, as prepare_actor draws it), so equal crops give the latent of the
+        photo path. The writer then runs once for the batch: bank rows are frames, read by the matching rows
+        of `__call__` (which then needs B expressions). The bank lives as long as the returned Actor."""
+        import dataclasses
+
+        import cv2
+
+        if ref_latent not in REF_LATENT_MODES:
+            raise RetargetError(f"ref_latent must be one of {REF_LATENT_MODES}, got {ref_latent!r}")
+        crops = np.asarray(crops)
+        if crops.ndim != 4 or crops.shape[3] != 3 or crops.dtype != np.uint8:
+            raise RetargetError(f"reference frames must be (B, S, S, 3) uint8 RGB, got {crops.shape} {crops.dtype}")
+        size = self.image_size
+        if crops.shape[1:3] != (size, size):
+            interp = cv2.INTER_AREA if crops.shape[1] > size else cv2.INTER_CUBIC
+            crops = np.stack([cv2.resize(c, (size, size), interpolation=interp) for c in crops])
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).to(self.device, self.vae.dtype) / 127.5 - 1.0
+        dist = self.vae.encode(x).latent_dist
+        if ref_latent == "sample":
+            g = _generator(None, seed)
+            eps = randn_tensor((1,) + tuple(dist.mean.shape[1:]), generator=g, device=dist.parameters.device,
+                               dtype=dist.parameters.dtype)
+            z = dist.mean + dist.std * eps
+        else:
+            z = dist.mode()
+        z = z * self.vae.config.scaling_factor
+        bank = self.write_bank(z, actor.id_embeds.expand(z.shape[0], -1, -1))
+        return dataclasses.replace(actor, ref_latent=z, bank=bank, crop=None, M=None)
+
     # ------------------------------------------------------------------ frames
     def _initial_noise(self, b: int, generator, seed: int | None, per_frame: bool, frame_indices):
         """(B, 4, h, w) initial latents and the generator(s) for schedulers that inject noise per step."""
@@ -356,6 +390,11 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         if use_ref and actor.bank is None:
             raise RetargetError("ref_strength > 0 needs an actor prepared with its reference image "
                                 "(prepare_actor(..., reference=True)); or pass ref_strength=0")
+        if use_ref:
+            rows = next(iter(actor.bank.states.values())).shape[0]
+            if rows not in (1, b):
+                raise RetargetError(f"the actor's reference bank holds {rows} frames, the call renders {b}: "
+                                    "per-frame references need one expression per frame")
         cfg = guidance > 1.0
         device, dtype = self.device, self.unet.dtype
 

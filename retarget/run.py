@@ -261,12 +261,16 @@ def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb
                                ref_latent=opts.ref_latent)
     if actor.face_report:
         log(actor.face_report)
+    return Rendering(pipe, actor, actor_rgb, device, dtype, render_call(opts))
+
+
+def render_call(opts: RunOptions) -> dict:
+    """The keyword arguments of pipe(actor, params, ...) that the options set."""
     steps, guidance = opts.steps, opts.guidance
     if opts.fast and (steps, guidance) == (25, 3.0):  # untouched defaults: LCM's own
         steps, guidance = 4, 1.0
-    call = dict(steps=steps, guidance=guidance, exp_scale=opts.exp_scale, ref_strength=opts.ref_strength,
+    return dict(steps=steps, guidance=guidance, exp_scale=opts.exp_scale, ref_strength=opts.ref_strength,
                 scheduler="lcm" if opts.fast else "dpm++", seed=opts.seed, per_frame_noise=opts.per_frame_noise)
-    return Rendering(pipe, actor, actor_rgb, device, dtype, call)
 
 
 def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.PathLike,
@@ -284,6 +288,10 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     )
     from retarget.weights import WeightsLayout
 
+    from retarget.retake import is_video_actor, retake
+
+    if is_video_actor(actor_path):  # an actor video: per-frame references (retarget/retake.py)
+        return retake(drive, actor_path, out, options, weights=weights, log=log)
     opts = options or RunOptions()
     t0 = time.perf_counter()
     drive, actor_path, out = Path(drive), Path(actor_path), Path(out)
