@@ -227,3 +227,7 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4, enough for tiny weights)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_demo)
+
+    from retarget.train.commands import register as register_training
+
+    register_training(sub, formatter, examples, add_weights_arg)

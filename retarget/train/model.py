@@ -18,6 +18,7 @@ device or on where a run was resumed.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from render.errors import RetargetError
 from retarget.train import formats
 
 MODES = ("expression", "reference")
+IDENTITY_CACHE = 4096  # prompt embeddings kept (77 x 768 floats each, 236 kB in fp32)
 
 
 @dataclass
@@ -152,6 +154,25 @@ class Objective:
         self.noise_scheduler = DDPMScheduler.from_config(model.pipe.scheduler.config)
         self.prediction = self.noise_scheduler.config.prediction_type
         self._uncond = None
+        self._ids: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _identity(self, arcface: np.ndarray, index) -> torch.Tensor:
+        """(B, 77, 768) identity prompt embeddings, one row at a time (so a row never depends on the batch it
+        is in) and cached by item index (the text encoder is frozen: the same item always gives the same)."""
+        rows = []
+        for i, vec in enumerate(arcface):
+            key = None if index is None else int(index[i])
+            e = self._ids.get(key) if key is not None else None
+            if e is None:
+                e = self.model.pipe.identity.encode(vec[None])
+                if key is not None:
+                    self._ids[key] = e
+                    if len(self._ids) > IDENTITY_CACHE:
+                        self._ids.popitem(last=False)
+            elif key is not None:
+                self._ids.move_to_end(key)
+            rows.append(e)
+        return torch.cat(rows)
 
     def _draws(self, positions, latent_shape):
         T = self.noise_scheduler.config.num_train_timesteps
@@ -198,7 +219,7 @@ class Objective:
         target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
 
         with torch.no_grad():
-            ids = pipe.identity.encode(batch["arcface"]).to(device)
+            ids = self._identity(batch["arcface"], batch.get("id_index")).to(device)
             if self._uncond is None:
                 self._uncond = pipe.identity.encode_empty().to(device)
             prompt = torch.where(drop_id.to(device)[:, None, None], self._uncond.to(ids.dtype), ids)
@@ -222,14 +243,21 @@ class Objective:
         return float(loss.detach())
 
 
+    def evaluate(self, batch: dict) -> float:
+        """The loss of `batch` without gradients or updates (a fixed batch measures progress exactly)."""
+        with torch.no_grad():
+            return self.forward_backward(batch, backward=lambda loss: None)
+
+
 def collate(data, mode: str, indices: list[int], positions: list[int]) -> dict:
     """A batch for `Objective`: expression mode, `indices` are items; reference mode, rows of `data.pairs`.
-    Returns numpy arrays target (B, S, S, 3) uint8, arcface (B, 512), exp (B, 55) [, reference (B, S, S, 3)]
-    and the samples' global positions."""
+    Returns numpy arrays target (B, S, S, 3) uint8, arcface (B, 512) with id_index (B,) (the item it is
+    from), exp (B, 55) [, reference (B, S, S, 3)] and the samples' global positions."""
     if mode == "expression":
         items = [data[i] for i in indices]
         out = {"target": np.stack([it["image"] for it in items])}
         ids = [it["arcface"] for it in items]
+        out["id_index"] = np.asarray(indices, dtype=np.int64)
     else:
         pairs = [data.pairs[i] for i in indices]
         refs = [data[int(r)] for r, _ in pairs]
@@ -237,6 +265,7 @@ def collate(data, mode: str, indices: list[int], positions: list[int]) -> dict:
         out = {"target": np.stack([it["image"] for it in items]),
                "reference": np.stack([r["image"] for r in refs])}
         ids = [r["arcface"] for r in refs]
+        out["id_index"] = np.asarray([int(r) for r, _ in pairs], dtype=np.int64)
     out["arcface"] = np.stack(ids).astype(np.float32)
     out["exp"] = np.stack([it["exp"] for it in items]).astype(np.float32)
     out["positions"] = list(positions)
