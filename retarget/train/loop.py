@@ -98,6 +98,50 @@ def _optimizer(params, opts: TrainOptions):
     return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
 
+def prepare_model(model, accelerator, opts: TrainOptions):
+    """Put `model` (a TrainingModel) on the accelerator's device: frozen weights in the half type under mixed
+    precision (the trained tensors stay fp32, autocast does the rest), gradient checkpointing if asked, the
+    optimizer; `accelerator.prepare` wraps the UNet (DDP under data parallel). Returns (unet, optimizer, params)."""
+    pipe = model.pipe
+    pipe.to(accelerator.device)
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        half = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+        trainable = {id(p) for p in model.params.values()}
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            for p in module.parameters():
+                if id(p) not in trainable:
+                    p.data = p.data.to(half)
+    if opts.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+    params = list(model.params.values())
+    optimizer = _optimizer(params, opts)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    return unet, optimizer, params
+
+
+def train_step(accelerator, unet, objective, optimizer, params, batch_for: Callable[[int], dict], grad_accum: int,
+               max_grad_norm: float) -> float:
+    """One optimizer step over `grad_accum` micro-batches (`batch_for(i)`, i = 0..grad_accum-1; gradients
+    synchronised across processes on the last one only), clipped to `max_grad_norm` (0: no clipping).
+    Returns the mean loss of the micro-batches, averaged over processes."""
+    total = 0.0
+    for micro in range(grad_accum):
+        batch = batch_for(micro)
+        last = micro == grad_accum - 1
+        ctx = accelerator.no_sync(unet) if (not last and accelerator.num_processes > 1) else _null()
+        with ctx, accelerator.autocast():
+            total += objective.forward_backward(batch, unet, backward=accelerator.backward, scale=1.0 / grad_accum)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = total / grad_accum
+    if accelerator.num_processes > 1:
+        loss = float(accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean"))
+    return loss
+
+
 def _lr(opts: TrainOptions, step: int) -> float:
     return opts.lr * min(1.0, (step + 1) / opts.lr_warmup) if opts.lr_warmup > 0 else opts.lr
 
@@ -242,21 +286,7 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
     model = build_training_pipeline(layout, mode, init=opts.init, rank=opts.rank, lora_targets=opts.lora_targets,
                                     seed=opts.seed)
     pipe = model.pipe
-    pipe.to(accelerator.device)
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        # Frozen weights in the half type (memory, speed); trained tensors stay fp32 under autocast.
-        half = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
-        trainable = {id(p) for p in model.params.values()}
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            for p in module.parameters():
-                if id(p) not in trainable:
-                    p.data = p.data.to(half)
-    if opts.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    pipe.unet.train()
-    params = list(model.params.values())
-    optimizer = _optimizer(params, opts)
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    unet, optimizer, params = prepare_model(model, accelerator, opts)
     objective = Objective(model, seed=opts.seed, drop_identity=opts.drop_identity,
                           drop_expression=opts.drop_expression, drop_reference=opts.drop_reference)
     scaler = getattr(accelerator, "scaler", None)
@@ -300,23 +330,13 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
             lr = _lr(opts, step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            total = 0.0
-            for micro in range(opts.grad_accum):
-                m = step * opts.grad_accum + micro
-                pos = datamod.positions(m, opts.batch_size, world, rank)
-                batch = collate(dataset, mode, [order(p) for p in pos], pos)
-                sync = micro == opts.grad_accum - 1
-                ctx = accelerator.no_sync(unet) if (not sync and world > 1) else _null()
-                with ctx, accelerator.autocast():
-                    total += objective.forward_backward(batch, unet, backward=accelerator.backward,
-                                                        scale=1.0 / opts.grad_accum)
-            if opts.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, opts.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = total / opts.grad_accum
-            if world > 1:
-                loss = float(accelerator.reduce(torch.tensor(loss, device=accelerator.device), "mean"))
+
+            def batch_for(micro: int) -> dict:
+                pos = datamod.positions(step * opts.grad_accum + micro, opts.batch_size, world, rank)
+                return collate(dataset, mode, [order(p) for p in pos], pos)
+
+            loss = train_step(accelerator, unet, objective, optimizer, params, batch_for, opts.grad_accum,
+                              opts.max_grad_norm)
             losses.append(loss)
             if log:
                 log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr,

@@ -102,17 +102,23 @@ def build_training_pipeline(layout, mode: str, *, init: str = "release", rank: i
     pipe = RetargetPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipe.layout = layout
     pipe.setup_adapters(exp_state, ref_state, exp_path=exp_path, ref_path=ref_path)
+    return training_model(pipe, mode, exp_state["image_proj"])
+
+
+def training_model(pipe, mode: str, exp_image_proj: dict) -> TrainingModel:
+    """Freeze `pipe` (a RetargetPipeline with both adapters installed) except the adapter of `mode`.
+    exp_image_proj: the `image_proj` dict the Expression Adapter was loaded from (its file naming)."""
     pipe.fuse_loras = False  # training needs peft's LoRA layers in place
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
     if mode == "expression":
         params = formats.exp_adapter_params(pipe.unet)
-        key_map = formats.image_proj_key_map(pipe.unet, exp_state["image_proj"])
-        shapes = {k: tuple(v.shape) for k, v in exp_state["image_proj"].items()}
+        key_map = formats.image_proj_key_map(pipe.unet, exp_image_proj)
+        shapes = {k: tuple(v.shape) for k, v in exp_image_proj.items()}
     else:
         params, key_map, shapes = formats.lora_params(pipe.unet), None, None
         if not params:
-            raise RetargetError(f"{ref_path} holds no LoRA layers for the UNet")
+            raise RetargetError("the Reference Adapter file holds no LoRA layers for the UNet")
     for p in params.values():
         p.requires_grad_(True)
     model = TrainingModel(pipe, mode, params, key_map, shapes)
