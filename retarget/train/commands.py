@@ -36,7 +36,8 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
 
     p = sub.add_parser("dataset", help="build a training set of aligned faces from photos and videos",
                        formatter_class=formatter,
-                       description="Training data for `retarget train` (WebDataset shards + manifest.json).")
+                       description="Training data for `retarget train` (WebDataset shards + manifest.json).",
+                       epilog=examples("retarget dataset build takes/ -o data/ --weights ~/w"))
     dsub = p.add_subparsers(dest="dataset_command", metavar="ACTION")
     dsub.required = True
     p = dsub.add_parser(

@@ -18,7 +18,7 @@ def sample_clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory, sample_clip, tiny_weights, capfd_session=None):
+def built(tmp_path_factory, sample_clip, tiny_weights):
     """(dataset folder, CLI exit code, CLI stdout): the sample clip plus a corrupt .mp4, through
     `retarget dataset build` at 5 frames per second."""
     import contextlib

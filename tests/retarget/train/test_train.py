@@ -190,3 +190,20 @@ def test_bad_options_fail_before_any_work(built, tiny_weights, tmp_path, monkeyp
     with pytest.raises(RetargetError, match="fp16 needs a CUDA GPU"):
         train("expression", built[0], tmp_path / "r", _opts(mixed_precision="fp16", device="cpu"), weights=tiny_weights)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["dataset", "--help"], ["dataset", "build", "--help"], ["train", "--help"]])
+def test_help_has_examples(argv, capsys):
+    from retarget.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    from retarget.cli import main
+
+    assert main(["train", "expression", str(tmp_path / "nothing"), "-o", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a dataset folder" in err[0]
