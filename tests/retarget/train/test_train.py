@@ -117,7 +117,7 @@ def test_interrupted_at_15_and_resumed_gives_the_same_losses(expression_run, bui
             assert torch.equal(a[part][k], b[part][k]), k
 
 
-def test_reference_training_through_the_cli(built, tiny_weights, tmp_path, capsys):
+def test_reference_training_through_the_cli(built, tiny_weights, tmp_path, capsys, make_stock, stock_unet):
     from retarget.cli import main
     from retarget.train.data import TrainData
 
@@ -135,6 +135,18 @@ def test_reference_training_through_the_cli(built, tiny_weights, tmp_path, capsy
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in released.items()}
     assert all(k.startswith("unet.") and (k.endswith(".lora.down.weight") or k.endswith(".lora.up.weight"))
                for k in trained)
+    # A stock diffusers pipeline loads the file as the release's code does, with the trained values.
+    import copy
+
+    from retarget.adapters.fusion import delta_weight
+    from retarget.train import formats
+
+    sd = make_stock(copy.deepcopy(stock_unet))
+    sd.load_lora_weights(str(run / "final" / "ref_adapter"), weight_name="pytorch_lora_weights.safetensors",
+                         adapter_name="ref")
+    name, layer = formats.lora_layers(sd.unet, "ref")[0]
+    down, up = trained[f"unet.{name}.lora.down.weight"], trained[f"unet.{name}.lora.up.weight"]
+    torch.testing.assert_close(delta_weight(layer, "ref"), up @ down, rtol=1e-6, atol=1e-8)
     data = TrainData(built[0])
     ref, tgt = (int(i) for i in data.pairs[0])
     base = _render(tiny_weights, data[ref]["image"], data[ref]["arcface"], data[tgt]["exp"], 0.8)
@@ -207,3 +219,19 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert main(["train", "expression", str(tmp_path / "nothing"), "-o", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "not a dataset folder" in err[0]
+
+
+def test_stock_diffusers_loads_the_trained_files_from_disk(expression_run, make_stock, stock_unet):
+    """The release's own code path: `load_ip_adapter(folder, weight_name=...)` of a stock diffusers pipeline
+    reads the trained file as written (the LoRA: test_reference_training_through_the_cli)."""
+    import copy
+
+    from retarget.train import formats
+
+    result, _ = expression_run
+    sd = make_stock(copy.deepcopy(stock_unet))
+    folder = result.weights / "exp_adapter"
+    sd.load_ip_adapter(str(folder), subfolder="", weight_name="exp_adapter.bin", image_encoder_folder=None)
+    trained = torch.load(result.adapter, weights_only=True)
+    procs = formats.ip_processors(sd.unet)
+    assert procs and torch.equal(procs[0][1].to_k_ip[0].weight, trained["ip_adapter"]["1.to_k_ip.weight"])
