@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,19 +62,21 @@ class TrainData:
                                     f"{[f for f in FIELDS if f not in got]} in its shard")
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+        self._lock = threading.Lock()  # the loader thread and validation share the file handles
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _read(self, key: str, field: str) -> bytes:
-        if os.getpid() != self._pid:  # a forked DataLoader worker opens its own handles
-            self._files, self._pid = {}, os.getpid()
+        if os.getpid() != self._pid:  # a forked process opens its own handles
+            self._files, self._pid, self._lock = {}, os.getpid(), threading.Lock()
         shard, offset, size = self._index[key][field]
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.folder / self.manifest["shards"][shard]["name"], "rb")
-        f.seek(offset)
-        return f.read(size)
+        with self._lock:
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = open(self.folder / self.manifest["shards"][shard]["name"], "rb")
+            f.seek(offset)
+            return f.read(size)
 
     def __getitem__(self, i: int) -> dict:
         import cv2

@@ -308,6 +308,12 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
     world, rank = accelerator.num_processes, accelerator.process_index
     saved_at = start
 
+    def load(micro_step: int) -> dict:
+        pos = datamod.positions(micro_step, opts.batch_size, world, rank)
+        return collate(dataset, mode, [order(p) for p in pos], pos)
+
+    loader = Prefetch(load, last=opts.steps * opts.grad_accum)
+
     def checkpoint(step: int) -> None:
         nonlocal saved_at
         if main:
@@ -331,11 +337,8 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
             for g in optimizer.param_groups:
                 g["lr"] = lr
 
-            def batch_for(micro: int) -> dict:
-                pos = datamod.positions(step * opts.grad_accum + micro, opts.batch_size, world, rank)
-                return collate(dataset, mode, [order(p) for p in pos], pos)
-
-            loss = train_step(accelerator, unet, objective, optimizer, params, batch_for, opts.grad_accum,
+            loss = train_step(accelerator, unet, objective, optimizer, params,
+                              lambda micro: loader.get(step * opts.grad_accum + micro), opts.grad_accum,
                               opts.max_grad_norm)
             losses.append(loss)
             if log:
@@ -358,6 +361,7 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
             print(f"\ninterrupted: checkpoint saved at step {done} in {run / CKPT_DIR}; continue with --resume")
         raise
     finally:
+        loader.close()
         bar.close()
         if log:
             log.close()
@@ -371,6 +375,33 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
     accelerator.wait_for_everyone()
     dataset.close()
     return TrainResult(run, opts.steps, losses, result_adapter, view)
+
+
+class Prefetch:
+    """`get(i)` returns `fn(i)`, with fn(i + 1) .. fn(i + depth) already being computed on one background thread
+    (PNG decoding and resizing release the GIL, so loading overlaps the GPU). Results depend only on i, so
+    prefetching changes nothing but the timing. Indices >= `last` are never prefetched."""
+
+    def __init__(self, fn: Callable[[int], dict], depth: int = 2, last: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.depth, self.last = fn, depth, last
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="retarget-data")
+        self.futures: dict = {}
+
+    def get(self, i: int) -> dict:
+        for j in range(i, i + self.depth + 1):
+            if j not in self.futures and (self.last is None or j < self.last or j == i):
+                self.futures[j] = self.pool.submit(self.fn, j)
+        for j in [k for k in self.futures if k < i]:  # out of order (a resume): drop stale work
+            self.futures.pop(j).cancel()
+        return self.futures.pop(i).result()
+
+    def close(self) -> None:
+        for f in self.futures.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+        self.futures = {}
 
 
 class _null:
