@@ -231,6 +231,8 @@ def _prepare_run(run: Path, config: dict, opts: TrainOptions) -> Path | None:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in diff[:4])
         raise RetargetError(f"--resume: {run} was trained with other settings ({shown}); resume with the same ones")
     ckpts = _checkpoints(run)
+    if ckpts and ckpts[-1][0] >= opts.steps:
+        raise RetargetError(f"--resume: {run} is already at step {ckpts[-1][0]}; raise --steps to train further")
     return ckpts[-1][1] if ckpts else None
 
 
@@ -294,8 +296,6 @@ def train(mode: str, data_dir: str | os.PathLike, output: str | os.PathLike, opt
     start, losses = 0, []
     if ckpt is not None:
         start, losses = _load_checkpoint(ckpt, model, optimizer, scaler)
-        if start >= opts.steps:
-            raise RetargetError(f"--resume: {run} is already at step {start}; raise --steps to train further")
     if main:
         run.mkdir(parents=True, exist_ok=True)
         (run / CKPT_DIR).mkdir(exist_ok=True)

@@ -107,6 +107,9 @@ def test_interrupted_at_15_and_resumed_gives_the_same_losses(expression_run, bui
               progress=False)
     resumed = train("expression", built[0], run, _opts(steps=30, checkpoint_every=100, validate=False, resume=True),
                     weights=tiny_weights, progress=False)
+    with pytest.raises(RetargetError, match="already at step 30"):
+        train("expression", built[0], run, _opts(steps=30, checkpoint_every=100, validate=False, resume=True),
+              weights=tiny_weights, progress=False)
     # Exact by design: same machine, same batch shapes, every draw seeded by the sample position, the
     # optimizer state and the trainable tensors saved bit for bit.
     assert resumed.losses == full.losses
