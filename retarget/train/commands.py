@@ -3,7 +3,6 @@ retarget.commands). Parsing only: the work is `dataset_build.build_dataset` and 
 
 from __future__ import annotations
 
-from render.errors import RetargetError
 from retarget.cliargs import add_dataclass_options, dataclass_from_args
 
 
@@ -77,6 +76,3 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     add_weights_arg(p)
     add_dataclass_options(p, TrainOptions)
     p.set_defaults(func=cmd_train)
-
-
-__all__ = ["register", "RetargetError"]
