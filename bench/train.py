@@ -4,6 +4,7 @@ batch 8. Random weights cost what trained ones cost: the arithmetic does not dep
 
     python bench/train.py             # GPU: table + bench/results/train_<gpu>_<date>.json
     python bench/train.py --tiny      # CPU smoke run on the tiny configs (seconds per variant)
+    python bench/train.py --modes reference   # one mode: bench/results/train_<gpu>_<date>_reference.json
 
 Each (mode, variant) runs in its own process (fresh accelerate state, clean peak memory), through the same
 functions as `retarget train` (`loop.prepare_model`, `loop.train_step`, `model.Objective`), on synthetic
@@ -154,11 +155,16 @@ def main(argv=None) -> int:
         return 0
     variants = args.variants.split(",") if args.variants else (["fp32"] if args.tiny else
                                                                ["fp16", "fp16_gc", "bf16", "fp16_adam8"])
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: {unknown} not among {', '.join(VARIANTS)}")
     env = environment(args.tiny)
     print(f"device {env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}, accelerate {env['accelerate']}; "
           f"batch {args.batch}, {steps} timed steps after {warmup}")
     rows = []
     for mode in args.modes.split(","):
+        if mode not in MODES:
+            ap.error(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
         for variant in variants:
             cmd = [sys.executable, __file__, "--one", mode, variant, "--batch", str(args.batch), "--steps", str(steps),
                    "--warmup", str(warmup)] + (["--tiny"] if args.tiny else [])
@@ -179,7 +185,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "tiny_cpu" if args.tiny else re.sub(r"[^A-Za-z0-9]+", "_", env["gpu"]).strip("_")
-    path = out_dir / f"train_{tag}_{env['date']}.json"
+    modes = args.modes.split(",")
+    part = "" if sorted(modes) == sorted(MODES) else "_" + "_".join(modes)  # one file per subset run
+    path = out_dir / f"train_{tag}_{env['date']}{part}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     tmp.replace(path)
