@@ -308,6 +308,10 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
 
     preset_cli.register(sub, formatter, examples, add_weights_arg)
 
+    from retarget.train.commands import register as register_training
+
+    register_training(sub, formatter, examples, add_weights_arg)
+
 
 # --------------------------------------------------------------------------- edit (an actor video)
 
