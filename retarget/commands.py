@@ -1,4 +1,4 @@
-"""Subcommands beyond `weights`: track, run, storyboard, transition, demo (registered into the CLI)."""
+"""Subcommands beyond `weights`: track, run, storyboard, transition, eval, demo (registered into the CLI)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def cmd_run(args) -> int:
     opts = dataclass_from_args(RunOptions, args)
     summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
     print(summary.line())
+    if args.eval:
+        from retarget.evaluate.cli import eval_after_run
+
+        eval_after_run(args, opts, summary)
     return 0
 
 
@@ -134,8 +138,14 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("actor", help="photo of the actor (the largest face is used)")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     add_weights_arg(p)
+    p.add_argument("--eval", action="store_true",
+                   help="after rendering, evaluate the output (identity, expression, pose, flicker) into OUT.eval/")
     add_dataclass_options(p, RunOptions)
     p.set_defaults(func=cmd_run)
+
+    from retarget.evaluate.cli import register_eval
+
+    register_eval(sub, formatter, examples, add_weights_arg)
 
     from tracking.export import CSV_WHICH
     from tracking.keyframes import EASINGS, PRESETS

@@ -43,8 +43,10 @@ class EvalOptions:
     neutral_frame: int | None = field(default=None, metadata={
         "help": "driving frame used as neutral with --relative (default: from --track as `run` picks it, "
                 "else the frame with the most closed mouth)", "metavar": "N"})
+    identity: bool = field(default=True, metadata={
+        "help": "identity distances (dlib's descriptor, ~80 ms a frame on one CPU core; --no-identity skips them)"})
     smirk: bool = field(default=True, metadata={
-        "help": "also re-track with SMIRK when smirk/SMIRK_EM1.pt is in the weights folder"})
+        "help": "also re-track with SMIRK when smirk/SMIRK_em1.pt is in the weights folder"})
     arcface: bool = field(default=True, metadata={
         "help": "also report ArcFace cosine (the conditioning model's view) when arcface.onnx is present"})
     redetect_every: int = field(default=10, metadata={
@@ -181,9 +183,12 @@ class _Side:
     def observe(self, rgb: np.ndarray, *, descriptor: bool) -> _Obs:
         from tracking.faces import follow_subject
 
+        from retarget.evaluate.judges import most_confident
+
         faces = self.tracker(rgb, self.count)
         self.count += 1
-        face = follow_subject(faces, self.previous)
+        # The subject starts as the most confident face (see DlibJudge.face), then is followed.
+        face = follow_subject(faces, self.previous) if self.previous is not None else most_confident(faces)
         if face is None:
             return _Obs(None)
         self.previous = face
@@ -299,7 +304,7 @@ def evaluate(inputs: EvalInputs, options: EvalOptions | None = None, *, weights=
             if frame.index % opts.every:
                 continue
             k = len(rows)
-            obs = out_side.observe(frame.rgb, descriptor=True)
+            obs = out_side.observe(frame.rgb, descriptor=opts.identity)
             if arc is not None and actor_arc is not None:
                 face = arc.faces_for(frame.rgb, obs.face)
                 if face is not None:
@@ -312,7 +317,7 @@ def evaluate(inputs: EvalInputs, options: EvalOptions | None = None, *, weights=
                 if last_drive is not None and last_drive[0] == d.index:
                     dobs = last_drive[1]
                 else:
-                    dobs = drive_side.observe(d.rgb, descriptor=k % DRIVER_ID_EVERY == 0)
+                    dobs = drive_side.observe(d.rgb, descriptor=opts.identity and k % DRIVER_ID_EVERY == 0)
                     if smirk is not None and dobs.face is not None:
                         smirk.add(d.rgb, dobs)
                     last_drive = (d.index, dobs)
@@ -394,7 +399,8 @@ def _metrics(rows, ctx):
         "same_person_share": float((finite < SAME_PERSON_THRESHOLD).mean()) if finite.size else None,
         "driver_to_actor": stats.summary(drv_dist),
         "note": "Euclidean distance of dlib descriptors, output frame vs actor photo; lower is closer. "
-                f"dlib documents < {SAME_PERSON_THRESHOLD} as the same person.",
+                f"dlib documents < {SAME_PERSON_THRESHOLD} as the same person."
+                if opts.identity else "not measured (--no-identity)",
     }
     arc_cos = np.full(n, np.nan)
     if ctx["arc"] is not None and ctx["actor_arc"] is not None:
