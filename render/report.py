@@ -103,19 +103,22 @@ def plot_series(pf: dict, keys: list[tuple[str, str]], ylabel: str) -> bytes:
     return _png(plt, fig)
 
 
-def strip(frames: list[tuple[str, np.ndarray | None, np.ndarray]], height: int = 160) -> np.ndarray:
-    """Moments as a labelled grid, each cell driving | output (a grey panel where the driving
-    frame is missing). frames: (label, driving RGB or None, output RGB)."""
+def strip(frames: list[tuple[str, np.ndarray | None, np.ndarray]], height: int = 128, per_row: int = 3) -> np.ndarray:
+    """Moments as rows of labelled panels, each moment a driving | output pair (a grey panel where
+    the driving frame is missing). frames: (label, driving RGB or None, output RGB); the label
+    goes over the output panel. Returns (H, W, 3) uint8 RGB."""
     from render.preview import side_by_side
-    from render.storyboard import storyboard
 
-    cells, labels = [], []
-    for label, drive, out in frames:
-        if drive is None:
-            drive = np.full_like(out, 96)
-        cells.append(side_by_side([drive, out], height=height, labels=["driving", "output"]))
-        labels.append(label)
-    return storyboard(cells, labels, columns=min(3, len(cells)), cell=2 * height + 8)
+    rows = []
+    for start in range(0, len(frames), per_row):
+        panels, labels = [], []
+        for label, drive, out in frames[start:start + per_row]:
+            panels += [np.full_like(out, 96) if drive is None else drive, out]
+            labels += ["driving", label]
+        rows.append(side_by_side(panels, height=height, labels=labels, gap=4))
+    width = max(r.shape[1] for r in rows)
+    padded = [np.pad(r, ((0, 6), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(padded, axis=0)
 
 
 def _encode_png(rgb: np.ndarray) -> bytes:
@@ -199,6 +202,7 @@ def write_report(folder: str | Path, metrics: dict, per_frame: dict, frames: lis
     groups: dict[str, list] = {}
     for label, drive, out in frames:
         key = "no_face" if label.startswith("no face") else ("identity" if "identity" in label else "expression")
+        # labels as retarget.evaluate writes them: "worst identity 0.41 @1.40s", "best LMD ...", "no face ..."
         groups.setdefault(key, []).append((label, drive, out))
     titles = {"identity": "Moments: identity", "expression": "Moments: expression (landmark distance)",
               "no_face": "Moments: output frames without a face"}

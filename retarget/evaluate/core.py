@@ -27,6 +27,12 @@ FORMAT = "retarget-eval"
 VERSION = 1
 SMIRK_CORRELATED = [(f"exp_{i}", i) for i in range(10)] + [("jaw_open", 52), ("eyelid_l", 50), ("eyelid_r", 51)]
 PARTS = {"expression": slice(0, 50), "eyelids": slice(50, 52), "jaw": slice(52, 55)}
+# A geometry signal "moves" in the driving clip when its standard deviation over the judged frames
+# is at least MOVING_SNR times its frame-to-frame noise (estimated as the RMS second difference
+# / sqrt(6), exact for white noise). The correlation of a signal that does not move is a
+# correlation of landmark noise, so it stays out of the mean. Scale-free: landmark noise in
+# inter-ocular distances grows as faces get smaller.
+MOVING_SNR = 3.0
 DRIVER_ID_EVERY = 10  # the driver's own identity distance (a reference number) on every 10th sample
 SMIRK_BATCH = 16
 
@@ -424,6 +430,8 @@ def _metrics(rows, ctx):
             "corr": stats.correlation(sig_drv[:, j], sig_out[:, j]),
             "mae": stats.mean_abs_error(rel_drv[:, j], rel_out[:, j]),
             "drive_mean": stats.nanmean(sig_drv[:, j]), "output_mean": stats.nanmean(sig_out[:, j]),
+            "drive_std": _std(sig_drv[:, j]), "output_std": _std(sig_out[:, j]),
+            "moves_in_drive": _moves(sig_drv[:, j]),
             "actor_photo": float(ctx["actor_signals"][j]),
             "jitter_output": stats.second_difference_rms(sig_out[:, j]),
             "jitter_drive": stats.second_difference_rms(sig_drv[:, j]),
@@ -441,7 +449,8 @@ def _metrics(rows, ctx):
                                                   "time_s": float(t_drive[neutral])},
         "units": "inter-ocular distances",
         "signals": signals,
-        "corr_mean": stats.nanmean([s["corr"] for s in signals.values()]),
+        "corr_mean": stats.nanmean([s["corr"] for s in signals.values() if s["moves_in_drive"]]),
+        "corr_mean_over": [k for k, s in signals.items() if s["moves_in_drive"]],
         "mae_mean": stats.nanmean([s["mae"] for s in signals.values()]),
         "lmd": {"mouth": stats.nanmean(lmd[:, 0]), "eyes": stats.nanmean(lmd[:, 1]), "all": stats.nanmean(lmd[:, 2]),
                 "units": "inter-ocular distances of the driving face, after a similarity alignment on the "
@@ -585,6 +594,16 @@ def _metrics(rows, ctx):
     return per_frame, metrics, _moments(rows, per_frame, no_face)
 
 
+def _moves(v: np.ndarray) -> bool:
+    sd, d2 = _std(v), stats.second_difference_rms(v)
+    return bool(sd is not None and sd > 0 and (d2 is None or sd >= MOVING_SNR * d2 / np.sqrt(6.0)))
+
+
+def _std(v: np.ndarray) -> float | None:
+    v = v[np.isfinite(v)]
+    return float(v.std()) if v.size > 1 else None
+
+
 def _range(v: np.ndarray) -> list | None:
     v = v[np.isfinite(v)]
     return [float(v.min()), float(v.max())] if v.size else None
@@ -601,7 +620,7 @@ def _moments(rows, pf, no_face, count: int = 3) -> list[dict]:
                     "drive_index": int(r["drive_index"]) if r["drive_index"] >= 0 else None,
                     "time_s": float(r["time"])})
 
-    for key, what in (("identity_distance", "identity distance"), ("lmd_all", "landmark distance")):
+    for key, what in (("identity_distance", "identity"), ("lmd_all", "LMD")):
         v = pf[key]
         ok = np.flatnonzero(np.isfinite(v))
         if not ok.size:
@@ -612,7 +631,7 @@ def _moments(rows, pf, no_face, count: int = 3) -> list[dict]:
         for i in order[:count]:
             add(f"best {what} {v[i]:.3f}", i)
     for i in np.flatnonzero(no_face)[:count]:
-        add("no face found in the output", i)
+        add("no face", i)
     return out
 
 
@@ -701,7 +720,10 @@ def summary_text(m: dict) -> str:
         lines.append(f"  ArcFace cosine (conditioning model's view) mean {_f(ident['arcface']['cosine']['mean'])}")
     lines.append(f"expression geometry (dlib 68, {g['mode']}; corr 1 = follows, MAE in inter-ocular distances)")
     for name, sig in g["signals"].items():
-        lines.append(f"  {name:<12} corr {_f(sig['corr'], '6.3f')}  MAE {_f(sig['mae'], '.4f')}")
+        still = "" if sig["moves_in_drive"] else "  (still in the driving clip: corr is noise)"
+        lines.append(f"  {name:<12} corr {_f(sig['corr'], '6.3f')}  MAE {_f(sig['mae'], '.4f')}  "
+                     f"driving std {_f(sig['drive_std'], '.3f')}{still}")
+    lines.append(f"  corr mean over moving signals {_f(g['corr_mean'])}")
     lines.append(f"  LMD mouth {_f(g['lmd']['mouth'], '.4f')}  eyes {_f(g['lmd']['eyes'], '.4f')}  "
                  f"all {_f(g['lmd']['all'], '.4f')}")
     if s is not None:
@@ -753,7 +775,7 @@ def grab_moments(result: EvalResult) -> None:
                 got[frame.index] = frame.rgb
                 if len(got) == len(want):
                     break
-    result.frames = [(m["label"] + f" ({m['time_s']:.2f}s)", got_drv.get(m["drive_index"]), got_out.get(m["out_index"]))
+    result.frames = [(m["label"] + f" @{m['time_s']:.2f}s", got_drv.get(m["drive_index"]), got_out.get(m["out_index"]))
                      for m in result.moments if m["out_index"] in got_out]
 
 
