@@ -17,6 +17,8 @@ import numpy as np
 from render.files import atomic_open
 
 THRESHOLD_COLOUR = "#c0392b"
+PLOT_FILES = {"identity.png", "geometry.png", "lmd.png", "smirk.png", "smirk_error.png", "pose.png", "flicker.png",
+              "strip_identity.png", "strip_expression.png", "strip_no_face.png"}
 
 
 def _figure(rows: int, cols: int = 1, height: float = 2.2):
@@ -194,7 +196,7 @@ def write_report(folder: str | Path, metrics: dict, per_frame: dict, frames: lis
                        plot_pairs(pf, names, "target_", "retracked_", ("target", "output re-tracked"), "SMIRK parameters")))
         images.append(("SMIRK re-tracking", "smirk_error.png",
                        plot_series(pf, [("smirk_error", "mean |error| of 55 parameters")], "error")))
-    images.append(("Head pose (degrees)", "pose.png",
+    images.append(("Head pose", "pose.png",
                    plot_pairs(pf, ["yaw", "pitch", "roll"], "drive_", "out_", ("driving", "output"), "degrees")))
     images.append(("Temporal stability", "flicker.png",
                    plot_series(pf, [("flicker_output", "output"), ("flicker_drive", "driving")],
@@ -216,6 +218,10 @@ def write_report(folder: str | Path, metrics: dict, per_frame: dict, frames: lis
         with atomic_open(path, "wb") as f:
             f.write(png)
         paths[name] = path
+    # Plots of an earlier report in this folder that this one does not have (no SMIRK now, no
+    # frame without a face now) would otherwise sit beside it as if they belonged to it.
+    for name in PLOT_FILES - set(paths):
+        (plots_dir / name).unlink(missing_ok=True)
 
     by_section: dict[str, list[str]] = {}
     for section, name, png in images:
@@ -224,7 +230,8 @@ def write_report(folder: str | Path, metrics: dict, per_frame: dict, frames: lis
         by_section.setdefault(section, []).append(tag)
     body = []
     for title, table in _sections(metrics):
-        body.append(f"<h2>{html.escape(title)}</h2>{table}" + "".join(by_section.pop(title, [])))
+        key = title.split(" (")[0]  # "Expression geometry (relative)" holds the "Expression geometry" plots
+        body.append(f"<h2>{html.escape(title)}</h2>{table}" + "".join(by_section.pop(key, [])))
     for title, tags in by_section.items():
         body.append(f"<h2>{html.escape(title)}</h2>" + "".join(tags))
     inputs = metrics["inputs"]

@@ -214,6 +214,10 @@ def test_tiny_run_report_is_complete(tiny_run_report):
     assert {"plots/identity.png", "plots/geometry.png", "plots/pose.png", "plots/smirk.png",
             "plots/flicker.png", "plots/lmd.png"} <= set(referenced)
     assert sorted(referenced) == sorted(f"plots/{p.name}" for p in plots)
+    # each plot sits in its own section, under that section's table
+    for plot, section, following in (("geometry", "<h2>Expression geometry", "<h2>SMIRK"),
+                                     ("pose", "<h2>Head pose", "<h2>Temporal")):
+        assert html.index(section) < html.index(f'data-file="plots/{plot}.png"') < html.index(following)
     for p in plots:  # each file exists and is embedded byte for byte (the page is self-contained)
         assert base64.b64encode(p.read_bytes()).decode() in html
     rows = (report / "per_frame.csv").read_text().splitlines()
