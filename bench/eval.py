@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="25 frames at 128 px, once: a smoke run")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where SMIRK runs (dlib is CPU only)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -96,8 +97,9 @@ def main(argv=None) -> int:
 
         first = next(iter(open_video(clip))).rgb
         judges = per_judge(first, Path(weights) / "smirk" / "SMIRK_em1.pt", 5 if args.tiny else 20)
-        variants = {"all": EvalOptions(device="cpu"), "no_identity": EvalOptions(identity=False, device="cpu"),
-                    "every5": EvalOptions(every=5, device="cpu")}
+        dev = args.device
+        variants = {"all": EvalOptions(device=dev), "no_identity": EvalOptions(identity=False, device=dev),
+                    "every5": EvalOptions(every=5, device=dev)}
         runs: dict[str, list[float]] = {k: [] for k in variants}
         judged: dict[str, int] = {}
         for _ in range(args.repeat):
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     import dlib
 
     result = {
-        "environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
+        "environment": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": args.device,
                         "python": platform.python_version(), "torch": torch.__version__, "dlib": dlib.__version__,
                         "opencv": cv2.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cpu": platform.processor() or platform.machine(),
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         print(f"  {k:<32}{v:8.1f} ms")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"eval_cpu_{dt.date.today().isoformat()}{'_tiny' if args.tiny else ''}.json"
+    path = out / f"eval_{args.device}_{dt.date.today().isoformat()}{'_tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

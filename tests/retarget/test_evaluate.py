@@ -173,6 +173,38 @@ def test_output_frames_without_a_face_are_reported(clips, tiny_weights, tmp_path
     assert "output frames without a face" in paths["report"].read_text()
 
 
+def test_relative_mode_measures_change_from_the_neutral_frame(clips, tiny_weights):
+    result = _geometry_eval(clips, tiny_weights, "drive", relative=True, neutral_frame=12, every=2)
+    g = result.metrics["geometry"]
+    assert g["mode"] == "relative" and g["neutral"]["drive_index"] == 12
+    assert all(s["mae"] == pytest.approx(0.0, abs=1e-12) for s in g["signals"].values())
+    # the default neutral (no track): the judged driving frame with the most closed mouth
+    auto = _geometry_eval(clips, tiny_weights, "half", relative=True)
+    i = int(np.nanargmin(auto.per_frame["drive_mouth_open"]))
+    assert auto.metrics["geometry"]["neutral"]["drive_index"] == auto.per_frame["drive_index"][i]
+    assert auto.metrics["geometry"]["signals"]["mouth_open"]["mae"] < 0.02
+
+
+def test_track_params_are_the_smirk_target(clips, tiny_weights, tmp_path):
+    from tracking.tracker import TrackOptions, track_video
+
+    track = track_video(clips["drive"], smirk_path=tiny_weights / "smirk/SMIRK_em1.pt",
+                        options=TrackOptions(smoothing="none"), progress=False)
+    path = track.save(tmp_path / "drive.track.npz")
+    opts = EvalOptions(every=3, identity=False, arcface=False)
+    result = evaluate(EvalInputs(clips["half"], clips["drive"], clips["actor"], track=path), opts,
+                      weights=tiny_weights, progress=False)
+    s = result.metrics["smirk"]
+    assert s["target"].startswith("track file drive.track.npz")
+    assert result.metrics["inputs"]["track"]["weights_id"] == track.weights_id
+    # The track's params are taken at the output's times: the half-rate clip (the same faces at
+    # the same times, encoded again) is closer to them than the clip started 5 frames late
+    # (measured 0.53 vs 0.85 with the tiny encoder, whose outputs move ~0.5 a frame).
+    late = evaluate(EvalInputs(clips["shifted"], clips["drive"], clips["actor"], track=path), opts,
+                    weights=tiny_weights, progress=False)
+    assert s["error_55"] < 0.8 * late.metrics["smirk"]["error_55"]
+
+
 # --------------------------------------------------------------------------- the whole report on tiny weights
 
 @pytest.fixture(scope="module")
