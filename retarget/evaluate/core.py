@@ -31,8 +31,11 @@ PARTS = {"expression": slice(0, 50), "eyelids": slice(50, 52), "jaw": slice(52, 
 # is at least MOVING_SNR times its frame-to-frame noise (estimated as the RMS second difference
 # / sqrt(6), exact for white noise). The correlation of a signal that does not move is a
 # correlation of landmark noise, so it stays out of the mean. Scale-free: landmark noise in
-# inter-ocular distances grows as faces get smaller.
+# inter-ocular distances grows as faces get smaller. The estimate needs dense frames (a real
+# movement must change little between neighbours): with judged frames more than MOVING_MAX_STEP_S
+# apart (--every N) no signal is classified and all enter the mean.
 MOVING_SNR = 3.0
+MOVING_MAX_STEP_S = 0.1
 DRIVER_ID_EVERY = 10  # the driver's own identity distance (a reference number) on every 10th sample
 SMIRK_BATCH = 16
 
@@ -425,13 +428,14 @@ def _metrics(rows, ctx):
     rel_out = sig_out - sig_out[neutral] if neutral is not None else sig_out
     rel_drv = sig_drv - sig_drv[neutral] if neutral is not None else sig_drv
     signals = {}
+    step_s = float(np.median(np.diff(t_out))) if n > 1 else 0.0
     for j, name in enumerate(geo.SIGNALS):
         signals[name] = {
             "corr": stats.correlation(sig_drv[:, j], sig_out[:, j]),
             "mae": stats.mean_abs_error(rel_drv[:, j], rel_out[:, j]),
             "drive_mean": stats.nanmean(sig_drv[:, j]), "output_mean": stats.nanmean(sig_out[:, j]),
             "drive_std": _std(sig_drv[:, j]), "output_std": _std(sig_out[:, j]),
-            "moves_in_drive": _moves(sig_drv[:, j]),
+            "moves_in_drive": _moves(sig_drv[:, j], step_s),
             "actor_photo": float(ctx["actor_signals"][j]),
             "jitter_output": stats.second_difference_rms(sig_out[:, j]),
             "jitter_drive": stats.second_difference_rms(sig_drv[:, j]),
@@ -449,8 +453,8 @@ def _metrics(rows, ctx):
                                                   "time_s": float(t_drive[neutral])},
         "units": "inter-ocular distances",
         "signals": signals,
-        "corr_mean": stats.nanmean([s["corr"] for s in signals.values() if s["moves_in_drive"]]),
-        "corr_mean_over": [k for k, s in signals.items() if s["moves_in_drive"]],
+        "corr_mean": stats.nanmean([s["corr"] for s in signals.values() if s["moves_in_drive"] is not False]),
+        "corr_mean_over": [k for k, s in signals.items() if s["moves_in_drive"] is not False],
         "mae_mean": stats.nanmean([s["mae"] for s in signals.values()]),
         "lmd": {"mouth": stats.nanmean(lmd[:, 0]), "eyes": stats.nanmean(lmd[:, 1]), "all": stats.nanmean(lmd[:, 2]),
                 "units": "inter-ocular distances of the driving face, after a similarity alignment on the "
@@ -594,9 +598,15 @@ def _metrics(rows, ctx):
     return per_frame, metrics, _moments(rows, per_frame, no_face)
 
 
-def _moves(v: np.ndarray) -> bool:
+def _moves(v: np.ndarray, step_s: float) -> bool | None:
+    """Whether a driving signal moves beyond its landmark noise (see MOVING_SNR); None when the
+    judged frames are too far apart to tell."""
     sd, d2 = _std(v), stats.second_difference_rms(v)
-    return bool(sd is not None and sd > 0 and (d2 is None or sd >= MOVING_SNR * d2 / np.sqrt(6.0)))
+    if sd is None or sd == 0:
+        return False
+    if step_s > MOVING_MAX_STEP_S:
+        return None
+    return bool(d2 is None or sd >= MOVING_SNR * d2 / np.sqrt(6.0))
 
 
 def _std(v: np.ndarray) -> float | None:
@@ -720,10 +730,13 @@ def summary_text(m: dict) -> str:
         lines.append(f"  ArcFace cosine (conditioning model's view) mean {_f(ident['arcface']['cosine']['mean'])}")
     lines.append(f"expression geometry (dlib 68, {g['mode']}; corr 1 = follows, MAE in inter-ocular distances)")
     for name, sig in g["signals"].items():
-        still = "" if sig["moves_in_drive"] else "  (still in the driving clip: corr is noise)"
+        still = "  (still in the driving clip: corr is noise)" if sig["moves_in_drive"] is False else ""
         lines.append(f"  {name:<12} corr {_f(sig['corr'], '6.3f')}  MAE {_f(sig['mae'], '.4f')}  "
                      f"driving std {_f(sig['drive_std'], '.3f')}{still}")
-    lines.append(f"  corr mean over moving signals {_f(g['corr_mean'])}")
+    unsure = all(sig["moves_in_drive"] is None for sig in g["signals"].values())
+    lines.append(f"  corr mean {_f(g['corr_mean'])} over "
+                 + ("all signals (judged frames too far apart to tell which move)" if unsure
+                    else "the signals that move in the driving clip"))
     lines.append(f"  LMD mouth {_f(g['lmd']['mouth'], '.4f')}  eyes {_f(g['lmd']['eyes'], '.4f')}  "
                  f"all {_f(g['lmd']['all'], '.4f')}")
     if s is not None:
