@@ -1,4 +1,4 @@
-"""Subcommands beyond `weights`: track, run, storyboard, transition, demo (registered into the CLI)."""
+"""Subcommands beyond `weights`: track, run, storyboard, transition, eval, demo (registered into the CLI)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def cmd_run(args) -> int:
             raise RetargetError(f"{', '.join(video_only)}: for an actor video; {args.actor} is a photo")
         summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
     print(summary.line())
+    if args.eval:
+        from retarget.evaluate.cli import eval_after_run
+
+        eval_after_run(args, opts, summary)
     return 0
 
 
@@ -179,6 +183,8 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
                                  "each output frame then takes its reference from the actor frame at that time")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     add_weights_arg(p)
+    p.add_argument("--eval", action="store_true",
+                   help="after rendering, evaluate the output (identity, expression, pose, flicker) into OUT.eval/")
     add_dataclass_options(p, RunOptions)
     from retarget.retake import RetakeOptions
 
@@ -189,6 +195,10 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     """).replace("examples:", "", 1)
     p.set_defaults(func=cmd_run)
     register_edit(sub, formatter, examples, add_weights_arg)
+
+    from retarget.evaluate.cli import register_eval
+
+    register_eval(sub, formatter, examples, add_weights_arg)
 
     from tracking.export import CSV_WHICH
     from tracking.keyframes import EASINGS, PRESETS
