@@ -13,6 +13,7 @@ affine warp (2-9 ms, mean 0.5-1 level from the exact one), for work done on ever
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -317,10 +318,13 @@ def ffhq_align_exact(
       - the padding blur runs in OpenCV float32 with SciPy's kernel and border (within 2e-4
         levels before rounding, so the padded image is the script's except for a level on
         ~1e-4 of its pixels);
-      - the canvas and the final resize run in horizontal bands on ``threads`` threads (PIL
-        releases the GIL; each band is the same arithmetic, bit for bit).
+      - the canvas is OpenCV's float32 warp of the same bilinear map, floored as PIL
+        truncates (equal on all but ~1e-5 of its pixels), where OpenCV samples at exact
+        coordinates, else PIL's own in bands on threads (see :func:`_quad_transform`);
+      - the final resize runs in bands of rows on ``threads`` threads (PIL releases the GIL;
+        each band has the same filter taps, bit for bit).
     Unlike :func:`ffhq_crop` (one supersampled affine warp, for per-frame work) this costs
-    a 4096 x 4096 canvas: ~0.3 s of CPU, up to ~1 s when the padding is large.
+    a 4096 x 4096 canvas: ~0.3 s of CPU, ~1 s when the padding is large (bench/ffhq_align.py).
 
     M: the QUAD transform of an FFHQ quad (a square) is affine. PIL samples canvas pixel u at
     quad[0] + (quad[3] - quad[0]) (u + 0.5) / 4096 + ... in pixel-centre coordinates (the
@@ -389,7 +393,7 @@ def ffhq_align_exact(
         T = _translate(pad[0], pad[1]) @ T
 
     # Transform, then down to the output size.
-    canvas = _quad_transform(Image.fromarray(np.ascontiguousarray(work)), quad, transform_size, threads)
+    canvas = _quad_transform(work, quad, transform_size, threads)
     out = canvas if size >= transform_size else _resize_lanczos(canvas, size, threads)
 
     # M: the quad's corners to the output's outer pixel edges (see the docstring).
@@ -413,20 +417,43 @@ def _map_threads(fn, items, threads: int) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
 
-def _quad_transform(img, quad: np.ndarray, size: int, threads: int):
-    """``img.transform((size, size), QUAD, (quad + 0.5).flatten(), BILINEAR)`` as a PIL image.
+def _quad_transform(work: np.ndarray, quad: np.ndarray, size: int, threads: int):
+    """``Image.fromarray(work).transform((size, size), QUAD, (quad + 0.5).flatten(), BILINEAR)``.
 
-    With threads, canvas rows [v0, v1) are a QUAD transform of their own with the corners
-    moved along the left and right edges: PIL evaluates the same bilinear map (up to 1e-13 px)
-    and samples with the same filter, so the rows are the same pixels.
+    PIL's bilinear filter computes in float64 and truncates to 8 bits. When OpenCV's warp
+    samples at exact coordinates (OpenCV 5; :func:`_opencv_warps_exactly`), the canvas is
+    OpenCV's float32 affine warp of the same map, floored: measured equal to PIL's on all but
+    ~1e-5 of the canvas pixels (float32 weights, each such pixel one level), at a third of
+    the CPU. Otherwise (OpenCV 4 rounds sample positions to 1/32 px, which moves the output
+    by up to 2 levels) PIL itself, rows [v0, v1) in bands on ``threads`` threads, each band a
+    QUAD transform of its own with the corners moved along the left and right edges: the
+    same bilinear map up to 1e-13 px and the same filter, so the same pixels. Either way the
+    quad lies inside ``work`` (the script crops with a border or pads), where PIL's edge rule
+    (neighbours clamped) is OpenCV's BORDER_REPLICATE.
     """
     from PIL import Image
 
+    if _opencv_warps_exactly():
+        import cv2
+
+        a = (quad[3] - quad[0]) / size  # source step per canvas column
+        b = (quad[1] - quad[0]) / size  # and per canvas row
+        src = np.float32(work)
+        out = np.empty((size, size, 3), np.uint8)
+        for v0, v1 in _bands(size, max(1, size // 256)):
+            # Canvas pixel (u, v) samples quad[0] + a (u + 0.5) + b (v + 0.5), pixel centres at integers.
+            c = quad[0] + 0.5 * a + (v0 + 0.5) * b
+            inv = np.array([[a[0], b[0], c[0]], [a[1], b[1], c[1]]])
+            band = cv2.warpAffine(src, inv, (size, v1 - v0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REPLICATE)
+            out[v0:v1] = np.floor(band, out=band)
+        return Image.fromarray(out)
+
+    img = Image.fromarray(np.ascontiguousarray(work))
     data = quad + 0.5
     if threads <= 1:
         return img.transform((size, size), Image.Transform.QUAD, data.flatten(), Image.Resampling.BILINEAR)
     nw, sw, se, ne = data
-    rows = []
 
     def band(v0: int, v1: int):
         t0, t1 = v0 / size, v1 / size
@@ -436,6 +463,22 @@ def _quad_transform(img, quad: np.ndarray, size: int, threads: int):
 
     rows = _map_threads(band, _bands(size, 4 * threads), threads)
     return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+@functools.lru_cache(maxsize=1)
+def _opencv_warps_exactly() -> bool:
+    """Whether cv2.warpAffine (bilinear, float32) samples at the exact coordinate (OpenCV 5)
+    rather than at the nearest 1/32 px (OpenCV 4): a probe at 1/64 and 0.3 px."""
+    import cv2
+
+    src = np.array([[0.0, 255.0], [0.0, 255.0]], np.float32)
+    for dx in (1.0 / 64.0, 0.3):
+        inv = np.array([[1.0, 0.0, dx], [0.0, 1.0, 0.0]])
+        got = cv2.warpAffine(src, inv, (1, 1), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                             borderMode=cv2.BORDER_REPLICATE)
+        if abs(float(got[0, 0]) - 255.0 * dx) > 1e-3:
+            return False
+    return True
 
 
 def _resize_lanczos(img, size: int, threads: int) -> np.ndarray:
