@@ -192,12 +192,21 @@ def bench_prepare_actor(images, repeats: int) -> list[dict]:
         for name in [n for n in images if "2048" in n] or ["astronaut"]:
             img = images[name]
             _, w, c = _timed(lambda: pipe.prepare_actor(img, seed=0), repeats)
-            faces, wd, _ = _timed(lambda: pipe.face_backend.detect(img), repeats)
-            (aligned, _), wa, _ = _timed(lambda: ffhq_align_exact(img, faces[0].lmk68, 512), repeats)
-            _, wr, _ = _timed(lambda: pipe.face_backend.detect(aligned), repeats)
-            rows.append({"photo": name, "size": list(img.shape[:2]), "prepare_actor_s": {"wall": w, "cpu": c},
-                         "stages_wall_s": {"detect_photo": wd, "align_exact": wa, "detect_aligned": wr,
-                                           "rest": w - wd - wa - wr}})
+            faces, wd, cd = _timed(lambda: pipe.face_backend.detect(img), repeats)
+            (aligned, M), wa, ca = _timed(lambda: ffhq_align_exact(img, faces[0].lmk68, 512), repeats)
+            (crop112, _, _), wr, cr = _timed(
+                lambda: aligned_identity_crop(pipe.face_backend, aligned, apply_affine(M, faces[0].kps5)), repeats)
+            vec, wi, ci = _timed(lambda: pipe.arcface(crop112)[0], repeats)
+            _, wm, cm = _timed(lambda: pipe.make_actor(vec, aligned, seed=0), repeats)
+            # Before this work: ffhq_crop's warp and the keypoints carried through its M.
+            (fast, Mf), wf, cf = _timed(lambda: ffhq_crop(img, faces[0].lmk68, 512), repeats)
+            rows.append({
+                "photo": name, "size": list(img.shape[:2]), "prepare_actor_s": {"wall": w, "cpu": c},
+                "stages_s": {"detect_photo": {"wall": wd, "cpu": cd}, "align_exact": {"wall": wa, "cpu": ca},
+                             "detect_aligned_and_crop": {"wall": wr, "cpu": cr}, "arcface": {"wall": wi, "cpu": ci},
+                             "make_actor": {"wall": wm, "cpu": cm}},
+                "before_align_fast_s": {"wall": wf, "cpu": cf},
+            })
     return rows
 
 
@@ -206,9 +215,19 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", help="a folder of extra photos (any PIL-readable images)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="astronaut only, one repeat")
+    ap.add_argument("--only", choices=["align", "identity", "prepare"], help="run one part")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch and OpenCV threads (0: their defaults); 1 makes CPU seconds a one-core figure")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     repeats = 1 if args.tiny else args.repeats
+    if args.threads:
+        import cv2
+        import torch
+
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
 
     backend = DlibBackend()
     images = photos(backend, args.photos, args.tiny)
@@ -224,9 +243,11 @@ def main(argv=None) -> int:
         },
         "config": {"repeats": repeats, "tiny": args.tiny, "photos_dir": args.photos},
     }
-    result["align"] = bench_align(images, backend, repeats)
-    result["identity"] = bench_identity(images, backend)
-    result["prepare_actor"] = bench_prepare_actor(images, repeats)
+    result["config"]["threads"] = args.threads
+    parts = [args.only] if args.only else ["align", "identity", "prepare"]
+    result["align"] = bench_align(images, backend, repeats) if "align" in parts else []
+    result["identity"] = bench_identity(images, backend) if "identity" in parts else []
+    result["prepare_actor"] = bench_prepare_actor(images, repeats) if "prepare" in parts else []
     result["environment"]["loadavg_at_end"] = os.getloadavg()
 
     print("align (512 px; seconds are medians, wall/cpu; differences in levels against the published procedure)")
@@ -249,15 +270,17 @@ def main(argv=None) -> int:
               f"{r['carried_vs_release_crop']['mean']:10.1f} {r['carried_vs_release_crop']['p99']:5.0f} "
               f"{r['dlib_descriptor_distance']['carried']:7.3f} | {r['photo_vs_release_crop']['mean']:.1f}, "
               f"{r['dlib_descriptor_distance']['photo']:.3f}")
-    print("\nprepare_actor (tiny weights, dlib; wall seconds)")
+    print(f"\nprepare_actor (tiny weights, dlib; median wall/cpu seconds; {args.threads or 'all'} threads)")
     for r in result["prepare_actor"]:
-        s = r["stages_wall_s"]
-        print(f"{r['photo']:24s} total {r['prepare_actor_s']['wall']:.2f} (cpu {r['prepare_actor_s']['cpu']:.2f}): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in s.items()))
+        s, t = r["stages_s"], r["prepare_actor_s"]
+        print(f"{r['photo']:24s} total {t['wall']:.2f}/{t['cpu']:.2f}: "
+              + ", ".join(f"{k} {v['wall']:.2f}/{v['cpu']:.2f}" for k, v in s.items())
+              + f"; before: ffhq_crop {r['before_align_fast_s']['wall']:.2f}/{r['before_align_fast_s']['cpu']:.2f}")
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ffhq_align_cpu_{result['environment']['date']}{'_tiny' if args.tiny else ''}.json"
+    tag = ("_tiny" if args.tiny else "") + (f"_{args.tag}" if args.tag else "")
+    path = out / f"ffhq_align_cpu_{result['environment']['date']}{tag}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}")
     return 0
