@@ -6,9 +6,10 @@ input-image pixel coordinates to crop pixel coordinates (pixel centres at intege
 which is what paste-back needs.
 
 Two FFHQ alignments: :func:`ffhq_align_exact` is the dataset script's procedure step for step
-(PIL resampling, a 4096 px canvas; ~0.3-0.8 s), for the once-per-video reference image the
-Reference Adapter and the identity were trained on; :func:`ffhq_crop` is one supersampled
-affine warp (2-9 ms, mean 0.5-1 level from the exact one), for work done on every frame.
+(PIL resampling, a 4096 px canvas; ~0.3 s of CPU, ~1 s with a large padding), for the
+once-per-video reference image the Reference Adapter and the identity were trained on;
+:func:`ffhq_crop` is one supersampled affine warp (2-9 ms without padding, mean 0.5-1 level
+from the exact one), for work done on every frame.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def _gaussian_filter(img: np.ndarray, sigma: float) -> np.ndarray:
 
     The same kernel (radius int(4 sigma + 0.5), normalised exp(-x^2 / 2 sigma^2)) and the same
     'reflect' border (OpenCV's BORDER_REFLECT), computed by OpenCV in float32 with its threads:
-    measured 4x faster than SciPy's float64 loop at sigma ~20 and within 2e-4 levels of it.
+    measured at sigma ~20 on 1770x1580x3, 0.48 s of one core instead of SciPy's 0.65 (0.30 s
+    instead of 0.68 wall on two), within 2e-4 levels of it.
     """
     import cv2
 
