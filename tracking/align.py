@@ -134,10 +134,10 @@ def aligned_identity_crop(backend, aligned: np.ndarray, carried_kps5: np.ndarray
     the photo's keypoints mapped through M, used only when no face is found again.
     Returns (112x112x3 uint8 ArcFace crop, (5, 2) float32 keypoints used, found_again).
 
-    Why not the carried keypoints: on 13 real photos and variants (bench/ffhq_align.py) they
-    sit 0.6-2.3 px (mean) from the keypoints found again, 0.2-0.7 px of the 112 crop, and the
-    crops differ by 1-6.5 levels on average (99th percentile up to 47): about as far from the
-    release's crop as a crop of the unaligned photo.
+    Why not the carried keypoints: on 14 photos (the astronaut, 5 copies, 8 of the release's
+    examples; bench/ffhq_align.py) they sit 0.6-2.3 px (mean) from the keypoints found again,
+    0.2-0.7 px of the 112 crop, and the crops differ by 1-6.5 levels on average (99th
+    percentile up to 47): about as far from the release's crop as a crop of the unaligned photo.
     """
     faces = backend.detect(aligned)
     if faces:
