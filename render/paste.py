@@ -1,9 +1,10 @@
 """Paste a generated, FFHQ-aligned face back into the full-resolution photo or frame.
 
-The pipeline generates faces in the aligned crop space of `tracking.align.ffhq_crop`, whose
-matrix `M` maps photo pixels to crop pixels. Pasting back is the inverse warp, blended through
-a feathered mask defined in crop space, after matching the generated face's colour to the
-photo around the seam so that the border does not show.
+The pipeline generates faces in the aligned crop space of `tracking.align.ffhq_align_exact`
+(`ffhq_crop` keeps the same convention), whose matrix `M` maps photo pixels to crop pixels.
+Pasting back is the inverse warp, blended through a feathered mask defined in crop space,
+after matching the generated face's colour to the photo around the seam so that the border
+does not show.
 """
 
 from __future__ import annotations
