@@ -225,7 +225,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         reference=False skips the reference (no crop/latent/bank) and embeds the face in the original image.
         Raises RetargetError when no face is found.
         """
-        from tracking.align import aligned_identity_crop, apply_affine, arcface_crop, ffhq_align_exact
+        from tracking.align import arcface_crop, reference_and_identity
 
         image = np.asarray(image_rgb)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -247,8 +247,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
             raise RetargetError("the face backend gave no 68 landmarks, which FFHQ alignment of the reference needs")
         # Once per video: the FFHQ script's own alignment (ffhq_crop's fast warp is for per-frame work),
         # and, as the release does, the identity from the face found again on the aligned image.
-        crop, M = ffhq_align_exact(image, face.lmk68, size=512)
-        crop112, _, found = aligned_identity_crop(self._face_backend(), crop, apply_affine(M, face.kps5))
+        crop, M, crop112, found = reference_and_identity(image, face, self._face_backend(), size=512)
         if not found:
             report += "; no face found again on the aligned reference, identity keypoints carried from the photo"
         actor = self.make_actor(self.arcface(crop112)[0], crop, generator=generator, seed=seed, ref_latent=ref_latent)

@@ -136,15 +136,12 @@ class ActorTake:
     report: str = ""
 
 
-def embed_aligned(rgb: np.ndarray, face, arcface) -> np.ndarray:
-    """(512,) ArcFace vector of a face as the photo path computes it (pipeline.prepare_actor): from the
-    FFHQ-aligned crop, with the keypoints carried through the same transform."""
-    from tracking.align import arcface_crop, ffhq_crop
+def embed_aligned(rgb: np.ndarray, face, arcface, backend) -> np.ndarray:
+    """(512,) ArcFace vector of a face as the photo path computes it (pipeline.prepare_actor): the
+    FFHQ script's alignment, then the face found again on it (tracking.align.reference_and_identity)."""
+    from tracking.align import reference_and_identity
 
-    crop, M = ffhq_crop(rgb, face.lmk68, size=FFHQ_SIZE)
-    kps = np.hstack([face.kps5, np.ones((5, 1))]) @ np.asarray(M, np.float64).T
-    crop112, _ = arcface_crop(crop, kps.astype(np.float32))
-    return arcface(crop112)[0]
+    return arcface(reference_and_identity(rgb, face, backend, size=FFHQ_SIZE)[2])[0]
 
 
 def frontal_sharpness(rgb: np.ndarray, face) -> float:
@@ -242,11 +239,11 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
         if gap > IDENTITY_FRAME_TOLERANCE_S:
             raise RetargetError(f"--identity-frame {ro.identity_frame:g}: no frame with the face within "
                                 f"{IDENTITY_FRAME_TOLERANCE_S:g}s (nearest: {times_arr[i]:.2f}s)")
-        identity = embed_aligned(rgb, face, arcface)
+        identity = embed_aligned(rgb, face, arcface, backend)
         note = f"actor frame {i} ({times_arr[i]:.2f}s, --identity-frame {ro.identity_frame:g})"
     else:
         picked = sorted(candidates, key=lambda c: c[1])
-        vecs = np.stack([embed_aligned(rgb, face, arcface) for _, _, rgb, face in picked])
+        vecs = np.stack([embed_aligned(rgb, face, arcface, backend) for _, _, rgb, face in picked])
         mean = vecs.mean(0)
         identity = mean / np.linalg.norm(mean)
         note = (f"mean ArcFace of {len(picked)} sharp frontal frames ("
@@ -276,7 +273,7 @@ def identity_from_photo(path: Path, backend, arcface) -> tuple[np.ndarray, str]:
     if not faces:
         raise RetargetError(f"--identity {path}: no face found in the photo")
     face = max(faces, key=lambda f: f.area)
-    return embed_aligned(rgb, face, arcface), f"photo {path.name} (--identity)"
+    return embed_aligned(rgb, face, arcface, backend), f"photo {path.name} (--identity)"
 
 
 # --------------------------------------------------------------------------- the driver

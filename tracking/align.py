@@ -148,6 +148,22 @@ def aligned_identity_crop(backend, aligned: np.ndarray, carried_kps5: np.ndarray
     return arcface_crop(aligned, kps)[0], kps, False
 
 
+def reference_and_identity(image: np.ndarray, face, backend, size: int = 512):
+    """The once-per-video crops of an actor's face, as the release makes them: the FFHQ script's
+    alignment (`ffhq_align_exact`) and the ArcFace crop of the face found again on it
+    (`aligned_identity_crop`). Every place that embeds an actor's identity (the pipeline's
+    `prepare_actor`, an actor video's identity frames, the training set, the evaluation's
+    conditioning-model judge) goes through here, so they all embed the same crop.
+
+    image: (H, W, 3) uint8 RGB; face: a `tracking.faces.Face` with `lmk68`; backend: the face
+    backend used to detect again. Returns (aligned (size, size, 3) uint8, M (2, 3), 112x112x3
+    uint8 identity crop, found_again).
+    """
+    crop, M = ffhq_align_exact(image, face.lmk68, size=size)
+    crop112, _, found = aligned_identity_crop(backend, crop, apply_affine(M, face.kps5))
+    return crop, M, crop112, found
+
+
 # ---------------------------------------------------------------------------------------
 # FFHQ
 

@@ -297,7 +297,7 @@ def evaluate(inputs: EvalInputs, options: EvalOptions | None = None, *, weights=
     actor_arc = None
     if arc is not None:
         face = arc.faces_for(opened.actor_rgb, actor_face)
-        actor_arc = arc.actor_embedding(opened.actor_rgb, face) if face is not None else None
+        actor_arc = arc.actor_embedding(opened.actor_rgb, face, judge.backend) if face is not None else None
 
     out_side, drive_side = _Side(judge, opts.redetect_every), _Side(judge, opts.redetect_every)
     cursor = NearestFrame(prefetch(opened.drive.frames(), 8), match_tolerance(opened.drive.fps))

@@ -92,8 +92,8 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
 class ArcFaceJudge:
     """ArcFace cosine similarity with the pipeline's own alignment: the conditioning model's view
     (it flatters the output, which was generated to match it). The actor photo is embedded as
-    `RetargetPipeline.prepare_actor` does (FFHQ crop, keypoints carried through, 112 px ArcFace
-    crop); output frames from their own keypoints."""
+    `RetargetPipeline.prepare_actor` does (the FFHQ script's alignment, then the 112 px ArcFace crop
+    of the face found again on it); output frames from their own keypoints."""
 
     def __init__(self, onnx_path: Path, face_backend=None):
         from retarget.identity import ArcFaceEmbedder
@@ -108,16 +108,15 @@ class ArcFaceJudge:
         faces = self.face_backend.detect(rgb)
         return faces[0] if faces else None
 
-    def actor_embedding(self, rgb: np.ndarray, face: Face) -> np.ndarray:
-        """(512,) unit vector of the actor photo, aligned as the pipeline aligns it."""
-        from tracking.align import arcface_crop, ffhq_crop
+    def actor_embedding(self, rgb: np.ndarray, face: Face, backend) -> np.ndarray:
+        """(512,) unit vector of the actor photo, aligned as the pipeline aligns it
+        (tracking.align.reference_and_identity; `backend` detects the face again on the aligned image)."""
+        from tracking.align import arcface_crop, reference_and_identity
 
         if face.lmk68 is None:
             crop112, _ = arcface_crop(rgb, face.kps5)
         else:
-            crop, M = ffhq_crop(rgb, face.lmk68, size=512)
-            kps = np.hstack([face.kps5, np.ones((5, 1))]) @ np.asarray(M, np.float64).T
-            crop112, _ = arcface_crop(crop, kps.astype(np.float32))
+            crop112 = reference_and_identity(rgb, face, self.face_backend or backend, size=512)[2]
         return self.embedder(crop112)[0]
 
     def embedding(self, rgb: np.ndarray, face: Face) -> np.ndarray:

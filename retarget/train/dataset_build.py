@@ -2,7 +2,7 @@
 
 For every sampled frame (videos: `sample_fps` frames per second; photos: the image) the largest face is
 kept when it is big and sharp enough, as:
-- `png`: the FFHQ-aligned crop (`crop_size` px, tracking.align.ffhq_crop: the Reference Adapter's alignment);
+- `png`: the FFHQ-aligned crop (`crop_size` px, tracking.align.reference_and_identity: the Reference Adapter's alignment);
 - `arcface.npy`: (512,) float32 unit ArcFace vector of that crop, computed as `RetargetPipeline.prepare_actor`
   does (keypoints carried through the alignment, the ArcFace 5-point crop, `arcface.onnx`);
 - `exp.npy`: (55,) float32 SMIRK vector (expression 50 ++ eyelids 2 ++ jaw 3), the tracker's crop and encoder;
@@ -167,21 +167,21 @@ class _Encoders:
         self.smirk = load_smirk_encoder(layout.require("smirk_ckpt"), device=dev)
 
 
-def _face_item(rgb: np.ndarray, face, opts: DatasetOptions) -> tuple[dict | None, str]:
-    """Crops and measurements of one face, or (None, reason) when it is skipped ("tiny", "blurry")."""
-    from tracking.align import arcface_crop, ffhq_crop
+def _face_item(rgb: np.ndarray, face, opts: DatasetOptions, backend) -> tuple[dict | None, str]:
+    """Crops and measurements of one face, or (None, reason) when it is skipped ("tiny", "blurry").
+    The crop and the identity are made as the pipeline makes an actor's (the FFHQ script's alignment,
+    the face found again on it: tracking.align.reference_and_identity), so training sees what inference gives."""
+    from tracking.align import reference_and_identity
     from tracking.tracker import encoder_crop
 
     x0, y0, x1, y1 = (float(v) for v in face.bbox)
     size = max(x1 - x0, y1 - y0)
     if size < opts.min_face or face.lmk68 is None:
         return None, "tiny"
-    crop, M = ffhq_crop(rgb, face.lmk68, size=opts.crop_size)
+    crop, _, crop112, _ = reference_and_identity(rgb, face, backend, size=opts.crop_size)
     sharp = sharpness(crop)
     if sharp < opts.min_sharpness:
         return None, "blurry"
-    kps = np.hstack([face.kps5, np.ones((5, 1))]) @ np.asarray(M, dtype=np.float64).T
-    crop112, _ = arcface_crop(crop, kps.astype(np.float32))
     return {"crop": crop, "crop112": crop112, "smirk": encoder_crop(rgb, face), "bbox": [x0, y0, x1, y1],
             "face_size": size, "sharpness": sharp}, ""
 
@@ -288,7 +288,7 @@ def build_dataset(sources: list[str | os.PathLike], output: str | os.PathLike, *
                         summary.skipped_no_face += 1
                         continue
                     area = [float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])) for f in faces]
-                    found, why = _face_item(rgb, faces[int(np.argmax(area))], opts)
+                    found, why = _face_item(rgb, faces[int(np.argmax(area))], opts, enc.faces)
                     if found is None:
                         summary.skipped_tiny += why == "tiny"
                         summary.skipped_blurry += why == "blurry"

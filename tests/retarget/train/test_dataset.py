@@ -50,7 +50,9 @@ def test_fields_match_the_tracker_and_the_identity_path(built, sample_clip, tiny
     layout = WeightsLayout(tiny_weights)
     track = track_video(sample_clip, smirk_path=layout.smirk_ckpt, progress=False,
                         options=TrackOptions(max_frames=1, smoothing="none", device="cpu"))
-    np.testing.assert_allclose(item["exp"], track.raw[0], atol=2e-5)  # fp32 across batch shapes (GUIDE)
+    # fp32 across batch shapes and CPUs moves tracked values by ~2e-5 of their size (GUIDE); the tiny
+    # random encoder's outputs reach ~200, so the tolerance scales with the largest value.
+    np.testing.assert_allclose(item["exp"], track.raw[0], rtol=0, atol=2e-5 * max(1.0, np.abs(track.raw[0]).max()))
     # ArcFace vector and crop: what the pipeline's actor preparation computes from the same frame.
     frame = next(iter(open_video(sample_clip))).rgb
     pipe = RetargetPipeline.from_weights(layout, device="cpu", dtype=torch.float32)
