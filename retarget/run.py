@@ -24,6 +24,7 @@ import numpy as np
 from render.errors import RetargetError
 
 MANIFEST = "manifest.json"
+TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
 
 
 @dataclass
@@ -70,12 +71,14 @@ class RunSummary:
     frames_dir: Path | None = None
     face_report: str = ""
     params: np.ndarray | None = None  # (frames, 55) vectors that were rendered
+    tracked: int | None = None  # driving frames tracked now (0: a track file or the cached track); None: no driving video
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
         extra = f", preview {self.preview}" if self.preview else ""
         extra += f", frames in {self.frames_dir}" if self.frames_dir else ""
-        return (f"done: {self.frames} frames ({self.rendered} rendered now) in {self.seconds:.1f}s "
+        tracked = "" if self.tracked is None else f", {self.tracked} driving frames tracked"
+        return (f"done: {self.frames} frames ({self.rendered} rendered now{tracked}) in {self.seconds:.1f}s "
                 f"({fps:.2f} frames/s), {self.invalid_frames} driving frames without a face; "
                 f"wrote {self.output}{extra}")
 
@@ -143,7 +146,14 @@ class WorkFolder:
                 raise RetargetError(f"--resume: the work folder {self.root} was made with other settings "
                                     f"({', '.join(changed)}); run without --resume to start over")
         elif self.root.exists():
-            shutil.rmtree(self.root)
+            # Start over, but keep the driving track (this run's, or one --resume checks before use).
+            for p in self.root.iterdir():
+                if p.name == TRACK_CACHE:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         self.frames.mkdir(parents=True, exist_ok=True)
         from render.files import atomic_open
 
@@ -286,7 +296,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
 
     # 2. the driving performance, and (relative mode) the actor's own resting expression.
-    track = _driving_track(drive, layout, opts, work, device, log)
+    track, tracked = _driving_track(drive, layout, opts, work, device, log, reader.fps)
     at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
     driver = sample_params(track.times, track.params, at)
     out_fps = opts.fps or track.fps
@@ -308,7 +318,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     preview = None
     if opts.preview != "none":
         preview = (out.with_name(out.stem + ".preview" + out.suffix),
-                   _driving_frames(reader, nearest_frames(track.times, at)), _load_flame(layout))
+                   _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
+                   _load_flame(layout))
     write_video(r, params, work, out, out_fps, opts,
                 audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None,
                 preview=preview)
@@ -318,7 +329,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
-                      face_report=r.actor.face_report, params=params)
+                      face_report=r.actor.face_report, params=params, tracked=tracked)
 
 
 def check_output_name(out: Path) -> None:
@@ -403,27 +414,37 @@ def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
     return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
 
 
-def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log):
+def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, fps: float):
+    """(track, frames tracked now): the --track file, the work folder's cached track when
+    --resume finds one covering the range with the same smoothing, else a track of
+    --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
+    margin). A cached track that does not cover the range is replaced by one of the whole range."""
     from tracking.track import Track
+    from tracking.tracker import TrackOptions, source_sha256, summarize, track_video
 
     if opts.track:
         track = Track.load(opts.track)
         log(f"using track {opts.track} ({len(track.times)} frames)")
-        return track
-    cached = work.root / "drive.track.npz"
+        return track, 0
+    # One source frame more on each side: --fps resamples between the frames around the ends.
+    lo = None if opts.start is None else max(0.0, opts.start - 1.0 / fps)
+    hi = None if opts.end is None else opts.end + 1.0 / fps
+    topts = TrackOptions(smoothing=opts.smooth, device=device, start=lo or 0.0, end=hi)
+    cached = work.root / TRACK_CACHE
     if opts.resume and cached.is_file():
         track = Track.load(cached)
-        if track.smoothing.get("method") == opts.smooth:
+        if (track.smoothing == topts.smoothing_params() and track.covers(lo, hi)
+                and track.source_sha256 == source_sha256(drive)):
             log(f"resuming with the track in {cached}")
-            return track
-    from tracking.tracker import TrackOptions, summarize, track_video
-
+            return track, 0
+        log(f"the track in {cached} is of another video, range or smoothing: tracking the range again")
+    stats: dict = {}
     track = track_video(drive, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
-                        options=TrackOptions(smoothing=opts.smooth, device=device))
-    log(summarize(track))
+                        options=topts, stats=stats)
+    log(f"{summarize(track)}; tracked {stats['frames_tracked']} frames (with the smoothing's margin)")
     work.root.mkdir(parents=True, exist_ok=True)
     track.save(cached)
-    return track
+    return track, stats["frames_tracked"]
 
 
 def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, call: dict, log) -> int:
@@ -464,9 +485,10 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
                 + _render_with_backoff(pipe, actor, params, idx[half:], call))
 
 
-def _driving_frames(reader, wanted: np.ndarray):
-    """Yield the driving frame (RGB) for each output frame, streaming through the video once."""
-    frames = iter(reader)
+def _driving_frames(reader, wanted: np.ndarray, start_s: float = 0.0):
+    """Yield the driving frame (RGB) for each output frame, streaming through the video once
+    from `start_s` (the track's first frame, whose index `wanted` counts from)."""
+    frames = reader.frames(start_s=start_s)
     current = next(frames)
     pos = 0
     for w in wanted:
