@@ -296,7 +296,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
 
     # 2. the driving performance, and (relative mode) the actor's own resting expression.
-    track, tracked = _driving_track(drive, layout, opts, work, device, log, reader.fps)
+    track, tracked = _driving_track(drive, layout, opts, work, device, log, reader)
     at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
     driver = sample_params(track.times, track.params, at)
     out_fps = opts.fps or track.fps
@@ -414,7 +414,7 @@ def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
     return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
 
 
-def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, fps: float):
+def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader):
     """(track, frames tracked now): the --track file, the work folder's cached track when
     --resume finds one covering the range with the same smoothing, else a track of
     --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
@@ -426,7 +426,12 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
         track = Track.load(opts.track)
         log(f"using track {opts.track} ({len(track.times)} frames)")
         return track, 0
+    if opts.start is not None and opts.end is not None and opts.end <= opts.start:
+        raise RetargetError(f"--end {opts.end:g}s must be after --start {opts.start:g}s")
+    if opts.start is not None and reader.duration_s > 0 and opts.start >= reader.first_time_s + reader.duration_s:
+        raise RetargetError(f"--start {opts.start:g}s is at or after the end of {drive} ({reader.duration_s:.2f}s long)")
     # One source frame more on each side: --fps resamples between the frames around the ends.
+    fps = reader.fps
     lo = None if opts.start is None else max(0.0, opts.start - 1.0 / fps)
     hi = None if opts.end is None else opts.end + 1.0 / fps
     topts = TrackOptions(smoothing=opts.smooth, device=device, start=lo or 0.0, end=hi)

@@ -63,3 +63,14 @@ def test_trimmed_run_tracks_the_range_and_resume_reuses_its_track(inputs, tiny_w
     again = run(drive, actor, out, dataclasses.replace(opts, resume=True), weights=tiny_weights, log=logs.append)
     assert again.tracked == 0 and again.rendered == 0 and any("resuming with the track" in m for m in logs)
     np.testing.assert_array_equal(again.params, first.params)
+
+
+def test_bad_ranges_fail_before_tracking(inputs, tiny_weights, tmp_path):
+    from render.errors import RetargetError
+
+    drive, actor = inputs
+    for kw, message in ((dict(start=3.0, end=2.0), "--end 2s must be after --start 3s"),
+                        (dict(start=9.0), "--start 9s is at or after the end of")):
+        with pytest.raises(RetargetError, match=message):
+            run(drive, actor, tmp_path / "x.mp4", RunOptions(steps=1, device="cpu", **kw), weights=tiny_weights,
+                log=lambda *_: None)
