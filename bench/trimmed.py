@@ -54,7 +54,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--ranges", default="0-2,30-32", help="START-END pairs in seconds, comma separated")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=25, help="denoising steps of the runs")
+    ap.add_argument("--steps", type=int, default=2, help="denoising steps of the runs (rendering costs the same "
+                    "both ways; few steps keep the CPU run short)")
+    ap.add_argument("--batch", type=int, default=8, help="frames per render batch")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--weights", default=None, help="weight folder (default: a tiny set written here)")
     ap.add_argument("--tiny", action="store_true", help="a 6 s clip, one repeat, 2 steps: a smoke run")
@@ -88,6 +90,7 @@ def main() -> None:
         value = fn()
         times.setdefault(name, []).append(time.perf_counter() - t)
         cpu.setdefault(name, []).append(time.process_time() - c)
+        print(f"  {name}: {times[name][-1]:.1f}s wall, {cpu[name][-1]:.1f}s cpu", flush=True)
         return value
 
     quiet = lambda *_: None  # noqa: E731
@@ -105,7 +108,7 @@ def main() -> None:
             part = timed(f"track_{key}", lambda: track_range(clip, a, b, smirk_path=smirk, options=topts,
                                                              stats=stats))
             info[f"track_{key}"] = dict(stats, frames=len(part))
-            common = dict(steps=args.steps, device=args.device, start=a, end=b)
+            common = dict(steps=args.steps, batch=args.batch, device=args.device, start=a, end=b)
             summary = timed(f"run_{key}", lambda: run(clip, actor, tmp / f"now{rep}.mp4", RunOptions(**common),
                                                       weights=weights, log=quiet))
             info[f"run_{key}"] = {"line": summary.line(), "frames": summary.frames, "tracked": summary.tracked}
@@ -137,7 +140,8 @@ def main() -> None:
               f"({med[f'before_{key}'] / med[f'run_{key}']:.1f}x wall, "
               f"{med_cpu[f'before_{key}'] / med_cpu[f'run_{key}']:.1f}x cpu)")
     result = {"environment": env, "config": {k: getattr(args, k) for k in
-                                             ("seconds", "fps", "size", "ranges", "repeats", "steps", "tiny")},
+                                             ("seconds", "fps", "size", "ranges", "repeats", "steps", "batch",
+                                              "tiny")},
               "weights": "given" if args.weights else "tiny (random, retarget.tiny)",
               "raw_seconds": times, "raw_cpu_seconds": cpu, "results": rows}
     out_dir = Path(args.out_dir)

@@ -45,7 +45,7 @@ class RunOptions:
     end: float | None = field(default=None, metadata={"help": "last second (exclusive) of the driving video to use", "metavar": "SEC"})
     fps: float | None = field(default=None, metadata={"help": "output frame rate (default: the driving video's)"})
     relative: bool = field(default=False, metadata={"help": "transfer the driver's change from neutral onto the actor's own expression"})
-    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: least expressive)", "metavar": "N"})
+    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: the least expressive of the range)", "metavar": "N"})
     gain: str | None = field(default=None, metadata={"help": "per-part gains, e.g. jaw=1.2,eyelids=0.8,expression=1.0", "metavar": "SPEC"})
     paste_back: bool = field(default=True, metadata={"help": "paste the face back into the full actor photo", "negative": "--crop-only", "negative_help": "write the aligned 512x512 face crops instead"})
     preview: Literal["none", "side-by-side"] = field(default="none", metadata={"help": "also write OUT.preview.mp4: driving | output (| FLAME mesh)"})
@@ -272,7 +272,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     """
     from render.video import open_video
     from retarget.motion import (
-        nearest_frames, output_times, parse_gain, pick_neutral_frame, retarget_params, sample_params,
+        nearest_frames, output_times, parse_gain, retarget_params, sample_params,
     )
     from retarget.weights import WeightsLayout
 
@@ -303,11 +303,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     actor_neutral = driver_neutral = None
     if opts.relative:
         actor_neutral = track_still(actor_path, layout, device)
-        n = opts.neutral_frame if opts.neutral_frame is not None else pick_neutral_frame(track.params, track.valid)
-        if not 0 <= n < len(track.params):
-            raise RetargetError(f"--neutral-frame {n} is outside the driving video's {len(track.params)} frames")
-        driver_neutral = track.params[n]
-        log(f"relative mode: driver neutral = frame {n} ({track.times[n]:.2f}s)")
+        driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
+        log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
     params = retarget_params(driver, gain, relative=opts.relative,
                              driver_neutral=driver_neutral, actor_neutral=actor_neutral)
 
@@ -450,6 +447,35 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
     work.root.mkdir(parents=True, exist_ok=True)
     track.save(cached)
     return track, stats["frames_tracked"]
+
+
+def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, reader):
+    """(55-d driver neutral, frame index, time s) for --relative: --neutral-frame N, a frame of
+    the driving video (of the --track file's frames with --track), taken from the track when
+    the tracked range holds it and else tracked alone (its moment, smoothed as in the clip);
+    by default the least expressive frame of the track."""
+    from retarget.motion import pick_neutral_frame
+    from tracking.tracker import TrackOptions, track_range
+
+    offset = 0 if opts.track else int(round((track.times[0] - reader.first_time_s) * reader.fps))
+    if opts.neutral_frame is None:
+        k = pick_neutral_frame(track.params, track.valid)
+        return track.params[k], k + offset, float(track.times[k])
+    n = opts.neutral_frame
+    if 0 <= n - offset < len(track):
+        return track.params[n - offset], n, float(track.times[n - offset])
+    total = len(track) if opts.track else reader.frame_count
+    if opts.track or n < 0 or (total and n >= total):
+        raise RetargetError(f"--neutral-frame {n} is outside the driving {'track' if opts.track else 'video'}'s "
+                            f"{total} frames")
+    t = reader.first_time_s + n / reader.fps
+    try:
+        one = track_range(drive, max(0.0, t - 0.5 / reader.fps), t + 0.5 / reader.fps, smirk_path=layout.smirk_ckpt,
+                          landmarker_path=layout.optional("face_landmarker"),
+                          options=TrackOptions(smoothing=opts.smooth, device=device))
+    except RetargetError as e:
+        raise RetargetError(f"--neutral-frame {n}: {e}") from None
+    return one.params[0], n, float(one.times[0])
 
 
 def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, call: dict, log) -> int:

@@ -562,8 +562,8 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         stats.update(frames_decoded=reader.decoded, frames_tracked=len(times), frames_kept=len(keep),
                      margin_frames=(before, after))
     if not len(keep):
-        raise RetargetError(f"{path} has no frame between {start:g}s and {end if end is not None else 'its end'}"
-                            f"{'s' if end is not None else ''} (its last frame is at {times_arr[-1]:.3f}s)")
+        where = f"between {start:g}s and {end:g}s" if end is not None else f"from {start:g}s on"
+        raise RetargetError(f"{path} has no frame {where} (its last frame is at {times_arr[-1]:.3f}s)")
     if not valid_arr[keep].any():
         what = "the image" if reader.kind == "image" else f"any of the {len(keep)} frames"
         raise RetargetError(f"no face found in {what} of {path} (face backend: {backend.name})")

@@ -74,3 +74,25 @@ def test_bad_ranges_fail_before_tracking(inputs, tiny_weights, tmp_path):
         with pytest.raises(RetargetError, match=message):
             run(drive, actor, tmp_path / "x.mp4", RunOptions(steps=1, device="cpu", **kw), weights=tiny_weights,
                 log=lambda *_: None)
+
+
+def test_relative_neutral_frame_outside_the_range(inputs, tiny_weights, tmp_path):
+    """--neutral-frame N names a frame of the driving video; outside --start/--end it is
+    tracked alone, with the value the whole clip's track has there."""
+    from retarget.motion import output_times, parse_gain, retarget_params, sample_params
+    from retarget.run import track_still
+    from retarget.weights import WeightsLayout
+    from tracking.tracker import track_video
+
+    drive, actor = inputs
+    logs: list[str] = []
+    s = run(drive, actor, tmp_path / "rel.mp4", RunOptions(steps=1, batch=8, device="cpu", start=2.0, end=2.2,
+                                                           relative=True, neutral_frame=5, paste_back=False),
+            weights=tiny_weights, log=logs.append)
+    assert "relative mode: driver neutral = frame 5 (0.20s)" in logs
+    whole = track_video(drive, smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", progress=False)
+    at = output_times(whole.times, start=2.0, end=2.2, fps=None, source_fps=whole.fps)
+    expected = retarget_params(sample_params(whole.times, whole.params, at), parse_gain(None), relative=True,
+                               driver_neutral=whole.params[5],
+                               actor_neutral=track_still(actor, WeightsLayout(tiny_weights), "cpu"))
+    np.testing.assert_allclose(s.params, expected, rtol=0, atol=2e-5 * np.abs(whole.params).max())
