@@ -26,12 +26,19 @@ def inputs(tmp_path_factory):
     return drive, actor
 
 
-def test_trimmed_run_tracks_the_range_and_resume_reuses_its_track(inputs, tiny_weights, tmp_path):
+@pytest.fixture(scope="module")
+def whole(inputs, tiny_weights):
+    """The whole clip's track (run's default smoothing), to compare the trimmed runs with."""
+    from tracking.tracker import track_video
+
+    return track_video(inputs[0], smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", progress=False)
+
+
+def test_trimmed_run_tracks_the_range_and_resume_reuses_its_track(inputs, tiny_weights, whole, tmp_path):
     from render.video import open_video
     from retarget.motion import nearest_frames, output_times, parse_gain, retarget_params, sample_params
     from retarget.run import _driving_frames
     from tracking.track import Track
-    from tracking.tracker import track_video
 
     drive, actor = inputs
     out = tmp_path / "cut.mp4"
@@ -45,7 +52,6 @@ def test_trimmed_run_tracks_the_range_and_resume_reuses_its_track(inputs, tiny_w
     assert 13 + 12 <= first.tracked <= 13 + 12 + 9
     assert f"{first.tracked} driving frames tracked" in first.line()
 
-    whole = track_video(drive, smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", progress=False)
     at = output_times(whole.times, start=START, end=END, fps=OUT_FPS, source_fps=whole.fps)
     expected = retarget_params(sample_params(whole.times, whole.params, at), parse_gain(None))
     # Other encoder batch shapes: float32 rounding, 2e-5 of the largest value (see tests/tracking/test_range.py).
@@ -76,13 +82,12 @@ def test_bad_ranges_fail_before_tracking(inputs, tiny_weights, tmp_path):
                 log=lambda *_: None)
 
 
-def test_relative_neutral_frame_outside_the_range(inputs, tiny_weights, tmp_path):
+def test_relative_neutral_frame_outside_the_range(inputs, tiny_weights, whole, tmp_path):
     """--neutral-frame N names a frame of the driving video; outside --start/--end it is
     tracked alone, with the value the whole clip's track has there."""
     from retarget.motion import output_times, parse_gain, retarget_params, sample_params
     from retarget.run import track_still
     from retarget.weights import WeightsLayout
-    from tracking.tracker import track_video
 
     drive, actor = inputs
     logs: list[str] = []
@@ -90,7 +95,6 @@ def test_relative_neutral_frame_outside_the_range(inputs, tiny_weights, tmp_path
                                                            relative=True, neutral_frame=5, paste_back=False),
             weights=tiny_weights, log=logs.append)
     assert "relative mode: driver neutral = frame 5 (0.20s)" in logs
-    whole = track_video(drive, smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", progress=False)
     at = output_times(whole.times, start=2.0, end=2.2, fps=None, source_fps=whole.fps)
     expected = retarget_params(sample_params(whole.times, whole.params, at), parse_gain(None), relative=True,
                                driver_neutral=whole.params[5],
