@@ -98,13 +98,16 @@ def _read_image(path: Path) -> np.ndarray:
 class VideoReader:
     """Streaming frame source. Attributes: `path`, `fps` (average rate; for images the rate
     given), `size` (w, h after rotation), `frame_count` (may be an estimate; 0 if unknown),
-    `has_audio`, `duration_s` (0.0 if unknown), `kind` ("video", "folder" or "image").
+    `has_audio`, `duration_s` (0.0 if unknown), `kind` ("video", "folder" or "image"),
+    `first_time_s` (the first frame's time, 0.0 for images), `decoded` (frames decoded so far
+    by all iterations, those dropped before a `start_s` included: a counter for tests).
 
     Iterating yields `VideoFrame`s in presentation order. Each iteration decodes afresh.
     """
 
     def __init__(self, path: Path, kind: str, fps: float, size: tuple[int, int], frame_count: int,
-                 has_audio: bool, duration_s: float, images: list[Path] | None = None):
+                 has_audio: bool, duration_s: float, images: list[Path] | None = None,
+                 first_time_s: float = 0.0):
         self.path = path
         self.kind = kind
         self.fps = float(fps)
@@ -113,6 +116,8 @@ class VideoReader:
         self.has_audio = has_audio
         self.duration_s = float(duration_s)
         self._images = images
+        self.first_time_s = float(first_time_s)
+        self.decoded = 0
 
     def __iter__(self) -> Iterator[VideoFrame]:
         return self.frames()
@@ -136,7 +141,8 @@ class VideoReader:
             yield VideoFrame(n, frame[0], frame[1])
             n += 1
         if n == 0:
-            where = "" if (start_s <= 0 and end_s is None) else f" between {start_s:g}s and {end_s}s"
+            where = ("" if (start_s <= 0 and end_s is None) else f" after {start_s:g}s" if end_s is None
+                     else f" between {start_s:g}s and {end_s:g}s")
             raise RetargetError(f"{self.path} contains no decodable video frames{where}")
 
     def _image_frames(self, start_s: float, end_s: float | None) -> Iterator[tuple[float, np.ndarray]]:
@@ -147,6 +153,7 @@ class VideoReader:
             if end_s is not None and t >= end_s:
                 break
             rgb = _read_image(p)
+            self.decoded += 1
             if self.kind == "folder" and (rgb.shape[1], rgb.shape[0]) != self.size:
                 raise RetargetError(
                     f"image {p} is {rgb.shape[1]}x{rgb.shape[0]} but the first image of {self.path} is "
@@ -172,6 +179,7 @@ class VideoReader:
                     # No pts (some raw streams): fall back to a constant-rate clock.
                     t = count / self.fps
                 count += 1
+                self.decoded += 1
                 if t < start_s - 1e-6:
                     continue
                 if end_s is not None and t >= end_s:
@@ -322,9 +330,11 @@ def open_video(path: str | os.PathLike, *, fps: float | None = None) -> VideoRea
             video_fps = DEFAULT_IMAGE_FPS
         frame_count = stream.frames or int(round(duration_s * video_fps))
         has_audio = bool(container.streams.audio)
+        first_time_s = float(first.time) if first.time is not None else 0.0
     finally:
         container.close()
-    return VideoReader(path, "video", video_fps, (w, h), frame_count, has_audio, duration_s)
+    return VideoReader(path, "video", video_fps, (w, h), frame_count, has_audio, duration_s,
+                       first_time_s=first_time_s)
 
 
 def _even(n: int) -> int:

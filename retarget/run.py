@@ -24,6 +24,7 @@ import numpy as np
 from render.errors import RetargetError
 
 MANIFEST = "manifest.json"
+TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class RunOptions:
     end: float | None = field(default=None, metadata={"help": "last second (exclusive) of the driving video to use", "metavar": "SEC"})
     fps: float | None = field(default=None, metadata={"help": "output frame rate (default: the driving video's)"})
     relative: bool = field(default=False, metadata={"help": "transfer the driver's change from neutral onto the actor's own expression"})
-    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: least expressive)", "metavar": "N"})
+    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: the least expressive of the range)", "metavar": "N"})
     gain: str | None = field(default=None, metadata={"help": "per-part gains, e.g. jaw=1.2,eyelids=0.8,expression=1.0", "metavar": "SPEC"})
     paste_back: bool = field(default=True, metadata={"help": "paste the face back into the full actor photo", "negative": "--crop-only", "negative_help": "write the aligned 512x512 face crops instead"})
     preview: Literal["none", "side-by-side"] = field(default="none", metadata={"help": "also write OUT.preview.mp4: driving | output (| FLAME mesh)"})
@@ -70,12 +71,14 @@ class RunSummary:
     frames_dir: Path | None = None
     face_report: str = ""
     params: np.ndarray | None = None  # (frames, 55) vectors that were rendered
+    tracked: int | None = None  # driving frames tracked now (0: a track file or the cached track); None: no driving video
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
         extra = f", preview {self.preview}" if self.preview else ""
         extra += f", frames in {self.frames_dir}" if self.frames_dir else ""
-        return (f"done: {self.frames} frames ({self.rendered} rendered now) in {self.seconds:.1f}s "
+        tracked = "" if self.tracked is None else f", {self.tracked} driving frames tracked"
+        return (f"done: {self.frames} frames ({self.rendered} rendered now{tracked}) in {self.seconds:.1f}s "
                 f"({fps:.2f} frames/s), {self.invalid_frames} driving frames without a face; "
                 f"wrote {self.output}{extra}")
 
@@ -143,7 +146,14 @@ class WorkFolder:
                 raise RetargetError(f"--resume: the work folder {self.root} was made with other settings "
                                     f"({', '.join(changed)}); run without --resume to start over")
         elif self.root.exists():
-            shutil.rmtree(self.root)
+            # Start over, but keep the driving track (this run's, or one --resume checks before use).
+            for p in self.root.iterdir():
+                if p.name == TRACK_CACHE:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         self.frames.mkdir(parents=True, exist_ok=True)
         from render.files import atomic_open
 
@@ -284,7 +294,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     """
     from render.video import open_video
     from retarget.motion import (
-        nearest_frames, output_times, parse_gain, pick_neutral_frame, retarget_params, sample_params,
+        nearest_frames, output_times, parse_gain, retarget_params, sample_params,
     )
     from retarget.weights import WeightsLayout
 
@@ -312,18 +322,15 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
 
     # 2. the driving performance, and (relative mode) the actor's own resting expression.
-    track = _driving_track(drive, layout, opts, work, device, log)
+    track, tracked = _driving_track(drive, layout, opts, work, device, log, reader)
     at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
     driver = sample_params(track.times, track.params, at)
     out_fps = opts.fps or track.fps
     actor_neutral = driver_neutral = None
     if opts.relative:
         actor_neutral = track_still(actor_path, layout, device)
-        n = opts.neutral_frame if opts.neutral_frame is not None else pick_neutral_frame(track.params, track.valid)
-        if not 0 <= n < len(track.params):
-            raise RetargetError(f"--neutral-frame {n} is outside the driving video's {len(track.params)} frames")
-        driver_neutral = track.params[n]
-        log(f"relative mode: driver neutral = frame {n} ({track.times[n]:.2f}s)")
+        driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
+        log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
     params = retarget_params(driver, gain, relative=opts.relative,
                              driver_neutral=driver_neutral, actor_neutral=actor_neutral)
 
@@ -334,7 +341,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     preview = None
     if opts.preview != "none":
         preview = (out.with_name(out.stem + ".preview" + out.suffix),
-                   _driving_frames(reader, nearest_frames(track.times, at)), _load_flame(layout))
+                   _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
+                   _load_flame(layout))
     write_video(r, params, work, out, out_fps, opts,
                 audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None,
                 preview=preview)
@@ -344,7 +352,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
-                      face_report=r.actor.face_report, params=params)
+                      face_report=r.actor.face_report, params=params, tracked=tracked)
 
 
 def check_output_name(out: Path) -> None:
@@ -429,27 +437,71 @@ def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
     return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
 
 
-def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log):
+def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader):
+    """(track, frames tracked now): the --track file, the work folder's cached track when
+    --resume finds one covering the range with the same smoothing, else a track of
+    --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
+    margin). A cached track that does not cover the range is replaced by one of the whole range."""
     from tracking.track import Track
+    from tracking.tracker import TrackOptions, source_sha256, summarize, track_video
 
     if opts.track:
         track = Track.load(opts.track)
         log(f"using track {opts.track} ({len(track.times)} frames)")
-        return track
-    cached = work.root / "drive.track.npz"
+        return track, 0
+    if opts.start is not None and opts.end is not None and opts.end <= opts.start:
+        raise RetargetError(f"--end {opts.end:g}s must be after --start {opts.start:g}s")
+    if opts.start is not None and reader.duration_s > 0 and opts.start >= reader.first_time_s + reader.duration_s:
+        raise RetargetError(f"--start {opts.start:g}s is at or after the end of {drive} ({reader.duration_s:.2f}s long)")
+    # One source frame more on each side: --fps resamples between the frames around the ends.
+    fps = reader.fps
+    lo = None if opts.start is None else max(0.0, opts.start - 1.0 / fps)
+    hi = None if opts.end is None else opts.end + 1.0 / fps
+    topts = TrackOptions(smoothing=opts.smooth, device=device, start=lo or 0.0, end=hi)
+    cached = work.root / TRACK_CACHE
     if opts.resume and cached.is_file():
         track = Track.load(cached)
-        if track.smoothing.get("method") == opts.smooth:
+        if (track.smoothing == topts.smoothing_params() and track.covers(lo, hi)
+                and track.source_sha256 == source_sha256(drive)):
             log(f"resuming with the track in {cached}")
-            return track
-    from tracking.tracker import TrackOptions, summarize, track_video
-
+            return track, 0
+        log(f"the track in {cached} is of another video, range or smoothing: tracking the range again")
+    stats: dict = {}
     track = track_video(drive, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
-                        options=TrackOptions(smoothing=opts.smooth, device=device))
-    log(summarize(track))
+                        options=topts, stats=stats)
+    log(f"{summarize(track)}; tracked {stats['frames_tracked']} frames (with the smoothing's margin)")
     work.root.mkdir(parents=True, exist_ok=True)
     track.save(cached)
-    return track
+    return track, stats["frames_tracked"]
+
+
+def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, reader):
+    """(55-d driver neutral, frame index, time s) for --relative: --neutral-frame N, a frame of
+    the driving video (of the --track file's frames with --track), taken from the track when
+    the tracked range holds it and else tracked alone (its moment, smoothed as in the clip);
+    by default the least expressive frame of the track."""
+    from retarget.motion import pick_neutral_frame
+    from tracking.tracker import TrackOptions, track_range
+
+    offset = 0 if opts.track else int(round((track.times[0] - reader.first_time_s) * reader.fps))
+    if opts.neutral_frame is None:
+        k = pick_neutral_frame(track.params, track.valid)
+        return track.params[k], k + offset, float(track.times[k])
+    n = opts.neutral_frame
+    if 0 <= n - offset < len(track):
+        return track.params[n - offset], n, float(track.times[n - offset])
+    total = len(track) if opts.track else reader.frame_count
+    if opts.track or n < 0 or (total and n >= total):
+        raise RetargetError(f"--neutral-frame {n} is outside the driving {'track' if opts.track else 'video'}'s "
+                            f"{total} frames")
+    t = reader.first_time_s + n / reader.fps
+    try:
+        one = track_range(drive, max(0.0, t - 0.5 / reader.fps), t + 0.5 / reader.fps, smirk_path=layout.smirk_ckpt,
+                          landmarker_path=layout.optional("face_landmarker"),
+                          options=TrackOptions(smoothing=opts.smooth, device=device))
+    except RetargetError as e:
+        raise RetargetError(f"--neutral-frame {n}: {e}") from None
+    return one.params[0], n, float(one.times[0])
 
 
 def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, call: dict, log) -> int:
@@ -490,9 +542,10 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
                 + _render_with_backoff(pipe, actor, params, idx[half:], call))
 
 
-def _driving_frames(reader, wanted: np.ndarray):
-    """Yield the driving frame (RGB) for each output frame, streaming through the video once."""
-    frames = iter(reader)
+def _driving_frames(reader, wanted: np.ndarray, start_s: float = 0.0):
+    """Yield the driving frame (RGB) for each output frame, streaming through the video once
+    from `start_s` (the track's first frame, whose index `wanted` counts from)."""
+    frames = reader.frames(start_s=start_s)
     current = next(frames)
     pos = 0
     for w in wanted:

@@ -62,6 +62,16 @@ def _gaussian_sigma_s(cutoff_hz: float) -> float:
     return math.sqrt(math.log(2.0)) / (2.0 * math.pi * cutoff_hz)
 
 
+# The zero-phase kernel is cut at this many sigmas: a sample there weighs exp(-8) = 3.4e-4 of
+# the centre one, and samples beyond it weigh exactly nothing.
+KERNEL_REACH_SIGMAS = 4.0
+
+
+def _zero_phase_reach(sigma_s: float, step_s: float) -> int:
+    """Frames on each side that the zero-phase window spans (at least 1)."""
+    return max(1, math.ceil(KERNEL_REACH_SIGMAS * sigma_s / step_s - 1e-9))
+
+
 def zero_phase(values: np.ndarray, times: np.ndarray, cutoff_hz: float = ZERO_PHASE_CUTOFF_HZ) -> np.ndarray:
     """Zero-lag smoothing: at each time, the value of a Gaussian-weighted least-squares line
     fitted to the samples around it (kernel sigma from `cutoff_hz`, half-power frequency).
@@ -77,8 +87,7 @@ def zero_phase(values: np.ndarray, times: np.ndarray, cutoff_hz: float = ZERO_PH
     sigma = _gaussian_sigma_s(cutoff_hz)
     dt = np.diff(t)
     step = float(np.median(dt[dt > 0])) if np.any(dt > 0) else 1.0
-    # Samples beyond 4 sigma weigh < 3e-4; bound the window by the typical frame step.
-    half = int(min(T - 1, max(1, math.ceil(4.0 * sigma / step))))
+    half = int(min(T - 1, _zero_phase_reach(sigma, step)))
     s0 = np.zeros(T)
     s1 = np.zeros(T)
     s2 = np.zeros(T)
@@ -100,6 +109,45 @@ def zero_phase(values: np.ndarray, times: np.ndarray, cutoff_hz: float = ZERO_PH
     out = y0 / s0[:, None]
     out[ok] = (s2[ok, None] * y0[ok] - s1[ok, None] * y1[ok]) / det[ok, None]
     return out.astype(np.float32)
+
+
+# One Euro: the margin before a range is where a still face's starting state has decayed to this
+# fraction of its weight (the filter is causal, its memory exponential).
+ONE_EURO_SETTLED = 1e-3
+
+
+def margin_frames(method: str, fps: float, **params) -> tuple[int, int]:
+    """Frames of context the smoothing needs (before, after) a range so that, smoothing a
+    longer run of frames and cutting it to the range, the range gets the values it would get
+    within the whole clip: its settling time at its cutoff, in frames at `fps`.
+
+    - ``zero_phase``: the kernel's reach, ceil(4 sigma * fps) frames on each side, where
+      sigma = sqrt(ln 2) / (2 pi cutoff_hz) (0.053 s at the default 2.5 Hz: 4 sigma =
+      0.212 s, 6 frames at 25 fps, 7 at 30, 13 at 60). Samples farther away weigh exactly 0,
+      so with this margin the range's values equal the whole clip's (same input rows).
+    - ``one_euro``: causal, so nothing after; before, the frames until a still face's initial
+      state weighs below ONE_EURO_SETTLED (1e-3): ln(1e-3) / ln(1 - alpha(min_cutoff)) (96
+      frames, 3.8 s, at 0.3 Hz and 25 fps). The filter opens up with speed, so in motion it
+      settles sooner: the values agree to about 1e-3 of the jump at the range's start.
+    - ``none``: (0, 0).
+    """
+    if not fps > 0:
+        raise RetargetError(f"margin_frames needs a positive fps, got {fps}")
+    if method == "none":
+        return 0, 0
+    if method == "zero_phase":
+        cutoff = params.get("cutoff_hz", ZERO_PHASE_CUTOFF_HZ)
+        if not cutoff > 0:
+            raise RetargetError(f"zero_phase cutoff_hz must be positive, got {cutoff}")
+        n = _zero_phase_reach(_gaussian_sigma_s(cutoff), 1.0 / fps)
+        return n, n
+    if method == "one_euro":
+        min_cutoff = params.get("min_cutoff", ONE_EURO_MIN_CUTOFF)
+        if not min_cutoff > 0:
+            raise RetargetError(f"one_euro min_cutoff must be positive, got {min_cutoff}")
+        a = _alpha(min_cutoff, 1.0 / fps)
+        return int(math.ceil(math.log(ONE_EURO_SETTLED) / math.log(1.0 - a))), 0
+    raise RetargetError(f"unknown smoothing method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def _alpha(cutoff: np.ndarray | float, te: float) -> np.ndarray | float:

@@ -15,6 +15,7 @@ A `.npz` (numpy zip, no pickles) with these arrays:
 | `backend` | () str | face backend that found the landmarks ("mediapipe", "dlib", ...) |
 | `weights_id` | () str | SMIRK checkpoint identity, "<file>:sha256:<16 hex>" |
 | `smoothing` | () str | JSON object: {"method": ..., parameters...} |
+| `range_start`, `range_end` | () float64, optional | the track holds every source frame with time in [range_start, range_end) seconds; range_end inf: to the end of the source. Absent in files written before 2026-12 (readers of v1 that do not know these keys ignore them) |
 
 Columns of `raw` and `params`: FLAME expression 0-49, eyelids 50-51, jaw 52-54 (SPEC.md §5).
 """
@@ -22,6 +23,7 @@ Columns of `raw` and `params`: FLAME expression 0-49, eyelids 50-51, jaw 52-54 (
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -58,6 +60,9 @@ class Track:
     weights_id: str = ""
     smoothing: dict = field(default_factory=lambda: {"method": "none"})
     version: int = FORMAT_VERSION
+    # The source time range the frames cover (None: not recorded; see `covers`).
+    range_start: float | None = None
+    range_end: float | None = None
 
     def __post_init__(self) -> None:
         self.raw = np.asarray(self.raw, dtype=np.float32)
@@ -95,8 +100,28 @@ class Track:
                 problems.append("times are not finite and non-decreasing")
         if not (self.fps > 0 and np.isfinite(self.fps)):
             problems.append(f"fps {self.fps} is not positive")
+        if (self.range_start is None) != (self.range_end is None):
+            problems.append("range_start and range_end come together")
+        elif self.range_start is not None and not (
+                np.isfinite(self.range_start) and self.range_end > self.range_start):
+            problems.append(f"range [{self.range_start}, {self.range_end}) is not a time range")
         if problems:
             raise RetargetError(f"{where}: {'; '.join(problems)}")
+
+    def covers(self, start: float | None, end: float | None) -> bool:
+        """Whether this track holds every source frame with time in [start, end) seconds
+        (start None: 0; end None: to the end of the source), from the recorded range; a track
+        without one covers only what lies between its first and last frame times."""
+        start = 0.0 if start is None else float(start)
+        eps = 1e-6
+        if self.range_start is None or self.range_end is None:
+            lo, hi = float(self.times[0]), float(self.times[-1])
+            return start >= lo - eps and end is not None and float(end) <= hi + eps
+        if start < self.range_start - eps:
+            return False
+        if math.isinf(self.range_end):
+            return True
+        return end is not None and float(end) <= self.range_end + eps
 
     def invalid_ranges(self) -> list[tuple[int, int]]:
         """Runs of invalid frames as (first, last) frame indices, inclusive."""
@@ -125,6 +150,9 @@ class Track:
             "backend": np.str_(self.backend), "weights_id": np.str_(self.weights_id),
             "smoothing": np.str_(json.dumps(self.smoothing, sort_keys=True)),
         }
+        if self.range_start is not None:
+            arrays["range_start"] = np.float64(self.range_start)
+            arrays["range_end"] = np.float64(self.range_end)
         with atomic_open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the name
             np.savez(f, **arrays)
         return path
@@ -157,8 +185,9 @@ class Track:
         try:
             smoothing = json.loads(str(fields["smoothing"]))
             fps = float(fields["fps"])
+            span = {k: float(fields[k]) for k in ("range_start", "range_end") if k in fields}
         except (ValueError, TypeError) as e:
-            raise RetargetError(f"{path}: bad smoothing/fps field ({e})") from None
+            raise RetargetError(f"{path}: bad smoothing/fps/range field ({e})") from None
         for k in ("raw", "params", "times"):
             if fields[k].dtype.kind != "f":
                 raise RetargetError(f"{path}: {k} has dtype {fields[k].dtype}, expected floats")
@@ -168,6 +197,6 @@ class Track:
             return cls(raw=fields["raw"], params=fields["params"], valid=fields["valid"], times=fields["times"],
                        fps=fps, source=str(fields["source"]), source_sha256=str(fields["source_sha256"]),
                        backend=str(fields["backend"]), weights_id=str(fields["weights_id"]),
-                       smoothing=smoothing, version=version)
+                       smoothing=smoothing, version=version, **span)
         except RetargetError as e:
             raise RetargetError(f"{path}: {str(e).split(': ', 1)[-1]}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import time
 from collections import deque
@@ -63,7 +64,8 @@ class TrackOptions:
     detect_workers: int = field(default=-1, metadata={
         "help": "processes running face detection in parallel (0: none; -1: auto, half the cores, at most "
                 "16, on machines with more than 4 cores and clips of 100+ frames)"})
-    start: float = field(default=0.0, metadata={"help": "first second of the video to track"})
+    start: float = field(default=0.0, metadata={
+        "help": "first second of the video to track (decoding seeks there; the smoothing's margin around the range is tracked too, then cut)"})
     end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)"})
     max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames"})
     image_fps: float | None = field(default=None, metadata={
@@ -432,9 +434,42 @@ def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_si
 
 # -- the whole run ----------------------------------------------------------------------------
 
+def _span_frames(reader, span_start: float, start: float, end: float | None, max_frames: int | None,
+                 after: int) -> Iterator[VideoFrame]:
+    """The frames to track for the range [start, end) (at most `max_frames` of them): from
+    `span_start` (the reader seeks to the keyframe before it and drops what precedes it)
+    through the range, then `after` more frames (at least one, so the caller learns where the
+    range ends), then stop decoding."""
+    inner = reader.frames(start_s=span_start)
+    kept, tail = 0, 0
+    with contextlib.closing(inner):
+        for frame in inner:
+            past = (end is not None and frame.time_s >= end) or (max_frames is not None and kept >= max_frames)
+            if frame.time_s >= start - 1e-6 and not past:
+                kept += 1
+            elif past:
+                if tail >= max(1, after):
+                    return
+                tail += 1
+            yield frame
+
+
+def _span_start(reader, start: float, before: int, every: int) -> float:
+    """Where to start decoding for a range from `start` s with `before` frames of margin: the
+    time of the source frame `before` frames ahead of the range, moved back to a multiple of
+    the detection cadence `every` (counted from the source's first frame), so that the faces
+    found are those the whole clip's run finds (exact for constant frame rate). 0: from the
+    beginning."""
+    fps, t0 = reader.fps, reader.first_time_s
+    first = int(math.ceil((start - t0) * fps - 1e-6))  # index of the range's first frame
+    k = (first - before) // every * every
+    return 0.0 if k <= 0 else t0 + (k - 0.5) / fps
+
+
 def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                 landmarker_path: str | os.PathLike | None = None, options: TrackOptions | None = None,
-                progress: bool = True, backend_factory: Callable[[], object] | None = None) -> Track:
+                progress: bool = True, backend_factory: Callable[[], object] | None = None,
+                stats: dict | None = None) -> Track:
     """Track the subject's face through a video file, a folder of images or one image.
 
     smirk_path: the SMIRK checkpoint (release or tiny). landmarker_path: MediaPipe's
@@ -444,6 +479,19 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     (T frames, 55 parameters each; `raw` NaN where no face was found, `params` filled and
     smoothed; `times` the source's timestamps in seconds). Raises RetargetError for
     unreadable input, bad weights, or when no frame shows a face.
+
+    A range (`options.start`, `end`, `max_frames`) is tracked alone: decoding seeks to the
+    keyframe before it, and only the range plus the smoothing's settling margin on each side
+    (`smoothing.margin_frames`: 6 frames at 25 fps for zero_phase at 2.5 Hz, 4 sigma of its
+    kernel) is tracked, smoothed, then cut to the range; the start is moved back to a
+    detection frame of the whole clip's cadence. So the range's params equal those of
+    tracking the whole clip and cutting, within float32 batch-shape rounding (~2e-5), as long
+    as the face is found at the margin's outer frames (a gap there is held from inside the
+    span instead of interpolated from beyond it) and one face is in view (with several, the
+    subject is picked afresh at the span's start). The track records the range it covers
+    (`Track.range_start/range_end`). stats: a dict that receives `frames_decoded` (by the
+    decoder, those dropped after the seek included), `frames_tracked` (through the face
+    finder and encoder), `frames_kept` (in the track) and `margin_frames` (before, after).
     """
     import torch
 
@@ -451,15 +499,31 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
 
     options = options or TrackOptions()
     smoothing = options.smoothing_params()
+    smooth_params = {k: v for k, v in smoothing.items() if k != "method"}
     if options.redetect_every < 1:
         raise RetargetError(f"--redetect-every must be at least 1, got {options.redetect_every}")
+    start = max(0.0, float(options.start or 0.0))
+    end = options.end
+    if end is not None and end <= start:
+        raise RetargetError(f"--end {end:g}s must be after --start {start:g}s")
+    if options.max_frames is not None and options.max_frames < 1:
+        raise RetargetError(f"--max-frames must be at least 1, got {options.max_frames}")
     path = Path(path)
     reader = open_video(path, fps=options.image_fps)
+    if start > 0 and reader.duration_s > 0 and start >= reader.first_time_s + reader.duration_s:
+        raise RetargetError(f"--start {start:g}s is at or after the end of {path} ({reader.duration_s:.2f}s long)")
+    before, after = sm.margin_frames(smoothing["method"], reader.fps, **smooth_params)
+    span_start = _span_start(reader, start, before, options.redetect_every) if start > 0 else 0.0
     device = resolve_device(options.device)
     batch_size = options.batch_size or (64 if device == "cuda" else 8)
-    total = reader.frame_count or None
-    if options.max_frames is not None and total:
-        total = min(total, options.max_frames)
+    total = reader.frame_count or None  # frames to track, for the progress bar and worker count
+    if total:
+        upto = total
+        if end is not None:
+            upto = min(upto, int(round(end * reader.fps)) + after)
+        if options.max_frames is not None:
+            upto = min(upto, int(round(start * reader.fps)) + options.max_frames + after)
+        total = max(1, upto - int(round(span_start * reader.fps)))
     workers = _auto_workers(options.detect_workers, total)
     factory = backend_factory or default_backend_factory(landmarker_path)
     from tqdm import tqdm
@@ -476,7 +540,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
             # core spin and slow the encoder several times over (seen on 2 cores).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
         try:
-            frames = reader.frames(start_s=options.start, end_s=options.end, max_frames=options.max_frames)
+            frames = _span_frames(reader, span_start, start, end, options.max_frames, after)
             if options.decode_ahead > 0:
                 frames = prefetch(frames, options.decode_ahead)
             stream = detect_stream(frames, backend, workers=workers, pool=pool,
@@ -490,16 +554,44 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
 
     valid_arr = np.array(valid, dtype=bool)
     times_arr = np.array(times, dtype=np.float64)
-    if not valid_arr.any():
-        what = "the image" if reader.kind == "image" else f"any of the {len(valid)} frames"
+    inside = times_arr >= start - 1e-6
+    if end is not None:
+        inside &= times_arr < end
+    keep = np.flatnonzero(inside)[:options.max_frames]
+    if stats is not None:
+        stats.update(frames_decoded=reader.decoded, frames_tracked=len(times), frames_kept=len(keep),
+                     margin_frames=(before, after))
+    if not len(keep):
+        where = f"between {start:g}s and {end:g}s" if end is not None else f"from {start:g}s on"
+        raise RetargetError(f"{path} has no frame {where} (its last frame is at {times_arr[-1]:.3f}s)")
+    if not valid_arr[keep].any():
+        what = "the image" if reader.kind == "image" else f"any of the {len(keep)} frames"
         raise RetargetError(f"no face found in {what} of {path} (face backend: {backend.name})")
     raw = np.stack(raw_rows).astype(np.float32)
     filled = sm.fill_invalid(raw, valid_arr, times_arr)
-    params = sm.smooth(filled, times_arr, smoothing["method"], **{k: v for k, v in smoothing.items()
-                                                                    if k != "method"})
-    return Track(raw=raw, params=params, valid=valid_arr, times=times_arr, fps=reader.fps, source=str(path),
-                 source_sha256=source_sha256(path), backend=backend.name,
-                 weights_id=weights_identity(smirk_path), smoothing=smoothing)
+    params = sm.smooth(filled, times_arr, smoothing["method"], **smooth_params)
+    # The first frame after the range tells where it ends; none: the source ended.
+    range_end = float(times_arr[keep[-1] + 1]) if keep[-1] + 1 < len(times_arr) else math.inf
+    return Track(raw=raw[keep], params=params[keep], valid=valid_arr[keep], times=times_arr[keep],
+                 fps=reader.fps, source=str(path), source_sha256=source_sha256(path), backend=backend.name,
+                 weights_id=weights_identity(smirk_path), smoothing=smoothing, range_start=start,
+                 range_end=range_end)
+
+
+def track_range(path: str | os.PathLike, start: float, end: float | None = None, *,
+                smirk_path: str | os.PathLike, landmarker_path: str | os.PathLike | None = None,
+                options: TrackOptions | None = None, progress: bool = False,
+                backend_factory: Callable[[], object] | None = None, stats: dict | None = None) -> Track:
+    """Track only the frames of `path` with time in [start, end) seconds (end None: to the end),
+    seeking to them and tracking the smoothing's margin around them (see `track_video`, of
+    which this is the range form; `options` give the rest, their start/end replaced). For one
+    moment t of a clip, `track_range(path, t, t + 1 / fps)` holds the first frame at or after
+    t (fps: `render.video.open_video(path).fps`), smoothed as within the whole clip."""
+    import dataclasses
+
+    options = dataclasses.replace(options or TrackOptions(), start=float(start), end=end)
+    return track_video(path, smirk_path=smirk_path, landmarker_path=landmarker_path, options=options,
+                       progress=progress, backend_factory=backend_factory, stats=stats)
 
 
 def _fmt_ranges(track: Track, limit: int = 6) -> str:
