@@ -70,8 +70,9 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
 
 def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
                     options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
-                    log=print) -> Path:
-    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
+                    log=print, prepare=None) -> Path:
+    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`.
+    prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
     from render.storyboard import save_image, storyboard
     from retarget.weights import WeightsLayout
 
@@ -81,13 +82,14 @@ def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells
         raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
     check_writable(out.parent, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    r = prepare_rendering(layout, actor_path, opts, log)
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log)
     params = np.stack([c[1] for c in cells]).astype(np.float32)
     batch = opts.batch or 8
-    images = []
-    for s in range(0, len(params), batch):
-        images += list(r.pipe(r.actor, params[s:s + batch], frame_indices=list(range(s, min(len(params), s + batch))),
-                              **r.call))
+    images = [None] * len(params)
+    for idx, ims in r.render([list(range(s, min(len(params), s + batch))) for s in range(0, len(params), batch)],
+                             params):
+        for i, im in zip(idx, ims):
+            images[i] = im
     if opts.paste_back:
         images = [pipe_paste(r.actor_rgb, im, r.actor) for im in images]
     sheet = storyboard(images, [c[0] for c in cells], columns=columns, cell=cell, title=actor_path.name)
@@ -96,8 +98,9 @@ def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells
 
 def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os.PathLike,
                     options: RunOptions | None = None, *, fps: float = 25.0, easing: str = "smoothstep",
-                    weights=None, log=print) -> RunSummary:
-    """Render a video of the actor moving smoothly through the expressions of a keyframe file."""
+                    weights=None, log=print, prepare=None) -> RunSummary:
+    """Render a video of the actor moving smoothly through the expressions of a keyframe file.
+    prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
     from retarget.weights import WeightsLayout
     from tracking.keyframes import interpolate_keyframes, parse_keyframes
 
@@ -111,7 +114,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     times, params = interpolate_keyframes(kfs, fps, easing=easing)
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
-    r = prepare_rendering(layout, actor_path, opts, log)
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log)
     source = {"keyframes": str(keyframes), "fps": fps, "easing": easing}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     write_video(r, params, work, out, fps, opts)
