@@ -116,3 +116,106 @@ def test_sharded_equals_single_process(job, tiny_weights, tmp_path, reference, w
                          weights=tiny_weights, **QUIET)
     assert summary.rendered == FRAMES
     _assert_same(out, reference)
+
+
+def test_worker_crash_mid_batch_is_retried(job, tiny_weights, tmp_path, reference):
+    """A worker exits (os._exit) in the middle of its 2nd batch: Ray restarts it and retries the batch."""
+    drive, actor, track = job
+    out, marker = tmp_path / "out.mp4", tmp_path / "crashed"
+    summary = run_on_ray(drive, actor, out, _opts(track), _ray(), weights=tiny_weights,
+                         fault={"marker": str(marker), "batch": 2}, **QUIET)
+    assert marker.exists()  # a worker really died mid-batch
+    assert summary.rendered == FRAMES
+    _assert_same(out, reference)
+
+
+def test_dead_worker_batches_go_to_the_others(job, tiny_weights, tmp_path, reference):
+    """No restarts allowed: the dead worker's batches are handed to the surviving one."""
+    drive, actor, track = job
+    out, marker = tmp_path / "out.mp4", tmp_path / "crashed"
+    logs = []
+    with RayPool(_ray(max_restarts=0), _layout(tiny_weights), _opts(track), log=logs.append,
+                 fault={"marker": str(marker), "batch": 2}) as pool:
+        summary = run(drive, actor, out, _opts(track), weights=tiny_weights, prepare=pool.prepare, **QUIET)
+        assert pool.deaths >= 1 and len(pool.alive) == 1
+    assert marker.exists() and any("died" in line for line in logs)
+    assert summary.rendered == FRAMES
+    _assert_same(out, reference)
+
+
+class _DriverKilled(Exception):
+    pass
+
+
+def test_driver_killed_then_resume_with_other_worker_count(job, tiny_weights, tmp_path, reference, monkeypatch):
+    from retarget.run import WorkFolder
+
+    drive, actor, track = job
+    out = tmp_path / "out.mp4"
+    save = WorkFolder.save
+    saved = []
+
+    def dying_save(self, i, rgb):
+        if len(saved) == BATCH:  # the driver dies as the second batch arrives
+            raise _DriverKilled()
+        saved.append(i)
+        save(self, i, rgb)
+
+    monkeypatch.setattr(WorkFolder, "save", dying_save)
+    with pytest.raises(_DriverKilled):
+        run_on_ray(drive, actor, out, _opts(track), _ray(workers=2), weights=tiny_weights, **QUIET)
+    monkeypatch.setattr(WorkFolder, "save", save)
+    assert not out.exists()
+    frames = out.parent / f".{out.name}.work" / "frames"
+    assert sorted(int(p.stem) for p in frames.glob("*.png")) == sorted(saved)
+    before = {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in saved}
+
+    summary = run_on_ray(drive, actor, out, _opts(track, resume=True), _ray(workers=1, actor_state="recompute"),
+                         weights=tiny_weights, **QUIET)
+    assert summary.rendered == FRAMES - BATCH  # only the missing frames
+    assert {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in saved} == before  # kept, not redone
+    _assert_same(out, reference)
+
+
+def _layout(root):
+    from retarget.weights import WeightsLayout
+
+    return WeightsLayout(root)
+
+
+def test_batch_file_of_three_jobs_one_without_a_face(job, tiny_weights, tmp_path, capsys):
+    import json
+
+    from render.storyboard import save_image
+    from retarget.cli import main
+
+    drive, actor, track = job
+    blank = tmp_path / "wall.png"
+    save_image(blank, np.full((256, 256, 3), 128, np.uint8))  # a photo with no face in it
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(f"""
+defaults: {{weights: {tiny_weights}, steps: 1, batch: {BATCH}, device: cpu}}
+jobs:
+  - {{name: take, command: run, drive: {drive}, actor: {actor}, track: {track}, output: out/take.mp4}}
+  - {{name: wall, command: storyboard, actor: wall.png, output: out/wall.png, presets: "neutral,jaw_open"}}
+  - {{name: smile, command: transition, actor: {actor}, output: out/smile.mp4, fps: 10,
+     keyframes: [{{time: 0, preset: neutral}}, {{time: 0.3, jaw: 0.3}}]}}
+""")
+    (tmp_path / "out").mkdir()
+    rc = main(["batch", str(jobs), "--ray", "--ray-workers", "2", "--ray-cpus-per-worker", "1"])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    assert (tmp_path / "out/take.mp4").is_file() and (tmp_path / "out/smile.mp4").is_file()
+    assert not (tmp_path / "out/wall.png").exists()
+    wall = next(line for line in printed.splitlines() if line.startswith("wall "))
+    assert "failed" in wall and "no face found" in wall, printed
+    assert "2 of 3 jobs done, 1 failed" in printed
+    status = json.loads((tmp_path / "jobs.status.json").read_text())
+    assert {j["name"]: j["status"] for j in status["jobs"]} == {"take": "done", "wall": "failed", "smile": "done"}
+    assert status["jobs"][0]["frames"] == FRAMES
+
+    # Again, without Ray: the finished jobs are skipped, the failed one is tried again (and fails again).
+    rc = main(["batch", str(jobs)])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    assert sum("done (earlier)" in line for line in printed.splitlines()) == 2
