@@ -256,7 +256,17 @@ def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None
     from retarget.run import RunOptions, run
     from retarget.weights import WeightsLayout
 
+    from retarget.run import RENDER_WEIGHTS, check_output_name, read_image
+
     opts = options or RunOptions()
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+    # The cheap checks of run() first, then the workers start loading while the driver tracks the clip.
+    check_output_name(Path(out))
+    if not Path(drive).exists():
+        raise RetargetError(f"driving video {drive} does not exist")
+    read_image(actor_path, "actor photo")
+    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
+        layout.require(name)
     with RayPool(ray_opts or RayOptions(), layout, opts, log=log, fault=fault) as pool:
+        pool.start()
         return run(drive, actor_path, out, opts, weights=layout, log=log, prepare=pool.prepare)
