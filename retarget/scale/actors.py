@@ -40,17 +40,19 @@ class FrameRenderer:
     """One worker: a loaded `RetargetPipeline` and the prepared actor of the job it works on.
 
     weights: the weights folder (the same path on every node). load: {"device", "dtype", "fast"}
-    as in RunOptions (the choices that fix the loaded pipeline). fault: tests only, e.g.
-    {"marker": PATH, "batch": 2}: the first worker to start its 2nd batch while PATH does not
-    exist creates PATH and exits the process mid-batch (a crash that Ray must recover from).
+    as in RunOptions (the choices that fix the loaded pipeline).
 
     A job is a dict: {"key": str, "opts": RunOptions, "photo": [ObjectRef of the (H, W, 3) uint8
-    actor photo], "state": [ObjectRef of an exported Actor] or None}. The refs sit inside lists
+    actor photo], "state": [ObjectRef of an exported Actor] or None, "fault": None}. "fault" is
+    for tests, e.g. {"marker": PATH, "batch": 2}: the first worker to render its 2nd batch of the
+    job while PATH does not exist creates PATH and exits the process before returning the batch
+    (a crash mid-batch that Ray must recover from); {"actor_id": ID, "batch": 1}: that worker
+    exits on its first batch every time, until Ray gives up restarting it. The refs sit inside lists
     so Ray passes them unresolved: a worker fetches them only when it meets a new job (first
     batch, or after a restart, when Ray retries the batch on a fresh process).
     """
 
-    def __init__(self, weights: str, load: dict, fault: dict | None = None):
+    def __init__(self, weights: str, load: dict):
         from retarget.pipeline import RetargetPipeline
         from retarget.run import resolve_device
         from retarget.weights import WeightsLayout
@@ -59,24 +61,25 @@ class FrameRenderer:
         self.device, self.dtype = resolve_device(load["device"], load["dtype"])
         self.pipe = RetargetPipeline.from_weights(self.layout, device=self.device, dtype=self.dtype,
                                                   lcm=bool(load["fast"]))
-        self.fault = fault
         self.key: str | None = None
         self.rendering = None
-        self.batches = 0
+        self.batches = 0  # of the current job, in this process
         self.prepared = 0  # how many actors this process prepared itself (recompute / the shipping worker)
 
     def info(self) -> dict:
         """Where this worker runs and what it loaded; also the "ready" signal of a new worker."""
         from retarget.run import auto_batch
 
-        gpus = []
+        gpus, actor_id = [], None
         try:
             import ray
 
             gpus = [str(g) for g in ray.get_gpu_ids()]
+            actor_id = ray.get_runtime_context().get_actor_id()
         except Exception:  # not inside Ray (tests, direct use)
             pass
         return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device, dtype=self.dtype, gpus=gpus,
+                    actor_id=actor_id,
                     auto_batch=auto_batch(self.device, self.pipe.image_size), image_size=self.pipe.image_size)
 
     def prepare(self, job: dict, export: bool = True):
@@ -93,7 +96,7 @@ class FrameRenderer:
         r = self._install(job)
         self.batches += 1
         (_, images), = list(r.render([list(indices)], _Rows(indices, params)))
-        self._maybe_crash()
+        self._maybe_crash(job.get("fault"))
         return list(indices), images
 
     def stats(self) -> dict:
@@ -120,12 +123,17 @@ class FrameRenderer:
             r = prepare_rendering(self.layout, Path("actor photo"), opts, lambda *_: None, actor_rgb=photo,
                                   pipe=self.pipe)
             self.prepared += 1
-        self.key, self.rendering = job["key"], r
+        self.key, self.rendering, self.batches = job["key"], r, 0
         return r
 
-    def _maybe_crash(self) -> None:
-        f = self.fault
+    def _maybe_crash(self, f: dict | None) -> None:
         if not f or self.batches != f["batch"]:
+            return
+        if "actor_id" in f:  # this worker, every time (until Ray stops restarting it)
+            import ray
+
+            if ray.get_runtime_context().get_actor_id() == f["actor_id"]:
+                os._exit(1)
             return
         marker = Path(f["marker"])
         try:

@@ -64,8 +64,8 @@ class RayPool:
 
     Use as a context manager; `prepare` is the `prepare=` hook of `retarget.run.run`,
     `retarget.sheets.make_storyboard` and `make_transition`. Ray is connected and the actors are
-    started on the first `prepare`, so bad inputs fail before any of it. `fault`: tests only
-    (see FrameRenderer).
+    started by `start()` or the first `prepare`, so bad inputs can fail before any of it. `fault`:
+    tests only, given to the jobs prepared from now on (see FrameRenderer).
     """
 
     def __init__(self, ray_opts: RayOptions, layout, opts, *, log=print, fault: dict | None = None):
@@ -126,7 +126,7 @@ class RayPool:
         from retarget.scale.actors import FrameRenderer
 
         remote = ray.remote(FrameRenderer).options(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **per)
-        self.actors = [remote.remote(str(self.layout.root), self.load, self.fault) for _ in range(n)]
+        self.actors = [remote.remote(str(self.layout.root), self.load) for _ in range(n)]
         self.alive = set(range(n))
         self._starting = {a.info.remote(): i for i, a in enumerate(self.actors)}
         self.log(f"ray: {where}, actor state: {o.actor_state}")
@@ -169,7 +169,7 @@ class RayPool:
         first = min(self.ready)
         ship = self.ray_opts.actor_state == "ship"
         job = {"key": uuid.uuid4().hex, "opts": opts, "photo": [ray.put(np.ascontiguousarray(actor_rgb))],
-               "state": None}
+               "state": None, "fault": self.fault}
         try:
             actor = ray.get(self.actors[first].prepare.remote(job, ship))
         except Exception as e:

@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from retarget.run import RunOptions, read_image, run  # noqa: E402
 from retarget.scale.options import RayOptions  # noqa: E402
-from retarget.scale.pool import RayPool, run_on_ray  # noqa: E402
+from retarget.scale.pool import RayPool  # noqa: E402
 
 FRAMES, FPS, BATCH = 5, 25.0, 2  # 2 does not divide 5: batches [0, 1] [2, 3] [4]
 QUIET = dict(log=lambda *_: None)
@@ -21,7 +21,9 @@ QUIET = dict(log=lambda *_: None)
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    # 4 logical CPUs for 2 cores: the two pools below (2 + 1 workers) and the batch test's pool
+    # (1) stay alive together, and at most two workers are busy at any time.
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -103,54 +105,90 @@ def _assert_same(out: Path, reference) -> None:
     assert list(dist.argmin(axis=1)) == list(range(FRAMES)), dist.round(1)
 
 
+def _layout(root):
+    from retarget.weights import WeightsLayout
+
+    return WeightsLayout(root)
+
+
+@pytest.fixture(scope="module")
+def pool2(job, tiny_weights):
+    """Two 1-CPU workers shared by the tests (each starts a process and loads the models once).
+    One restart each, so a worker that crashes twice is gone for good."""
+    with RayPool(_ray(workers=2, max_restarts=1), _layout(tiny_weights), _opts(job[2]), **QUIET) as pool:
+        pool.start()
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def pool1(job, tiny_weights):
+    with RayPool(_ray(workers=1), _layout(tiny_weights), _opts(job[2]), **QUIET) as pool:
+        pool.start()
+        yield pool
+
+
+def _run(pool, job, tiny_weights, out, *, state="ship", fault=None, **kw):
+    """`retarget run` with the frames rendered by `pool` (its actor state and test fault set for this job)."""
+    import dataclasses
+
+    drive, actor, track = job
+    pool.ray_opts = dataclasses.replace(pool.ray_opts, actor_state=state)
+    pool.fault = fault
+    try:
+        return run(drive, actor, out, _opts(track, **kw), weights=tiny_weights, prepare=pool.prepare, **QUIET)
+    finally:
+        pool.fault = None
+
+
 def test_frames_differ_between_expressions(reference):
     frames, _ = reference  # otherwise equality below would prove little
     assert all(np.abs(frames[0].astype(int) - f.astype(int)).max() > 10 for f in frames[1:])
 
 
 @pytest.mark.parametrize("workers,state", [(1, "ship"), (2, "ship"), (2, "recompute")])
-def test_sharded_equals_single_process(job, tiny_weights, tmp_path, reference, workers, state):
+def test_sharded_equals_single_process(job, tiny_weights, tmp_path, reference, request, workers, state):
+    pool = request.getfixturevalue(f"pool{workers}")
+    before = {s["pid"]: s["prepared"] for s in pool.stats()}
+    summary = _run(pool, job, tiny_weights, tmp_path / "out.mp4", state=state)
+    assert summary.rendered == FRAMES
+    _assert_same(tmp_path / "out.mp4", reference)
+    prepared = sum(s["prepared"] - before.get(s["pid"], 0) for s in pool.stats())
+    # ship: one worker prepares, the other receives the state; recompute: each worker that rendered.
+    assert prepared == (1 if state == "ship" else workers)
+
+
+def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys):
+    """`retarget run ... --ray`: run_on_ray joins the running Ray, starts its own worker, stops it."""
+    from retarget.cli import main
+
     drive, actor, track = job
     out = tmp_path / "out.mp4"
-    summary = run_on_ray(drive, actor, out, _opts(track), _ray(workers=workers, actor_state=state),
-                         weights=tiny_weights, **QUIET)
-    assert summary.rendered == FRAMES
+    rc = main(["run", str(drive), str(actor), "-o", str(out), "--weights", str(tiny_weights), "--steps", "1",
+               "--batch", str(BATCH), "--device", "cpu", "--track", str(track), "--crop-only", "--keep-work",
+               "--ray", "--ray-workers", "1", "--ray-cpus-per-worker", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"done: {FRAMES} frames ({FRAMES} rendered now)" in capsys.readouterr().out
     _assert_same(out, reference)
 
 
-def test_worker_crash_mid_batch_is_retried(job, tiny_weights, tmp_path, reference):
+def test_worker_crash_mid_batch_is_retried(job, tiny_weights, tmp_path, reference, pool2):
     """A worker exits (os._exit) in the middle of its 2nd batch: Ray restarts it and retries the batch."""
-    drive, actor, track = job
-    out, marker = tmp_path / "out.mp4", tmp_path / "crashed"
-    summary = run_on_ray(drive, actor, out, _opts(track), _ray(), weights=tiny_weights,
-                         fault={"marker": str(marker), "batch": 2}, **QUIET)
+    marker = tmp_path / "crashed"
+    summary = _run(pool2, job, tiny_weights, tmp_path / "out.mp4", fault={"marker": str(marker), "batch": 2})
     assert marker.exists()  # a worker really died mid-batch
+    assert pool2.deaths == 0 and len(pool2.alive) == 2  # Ray brought it back
     assert summary.rendered == FRAMES
-    _assert_same(out, reference)
-
-
-def test_dead_worker_batches_go_to_the_others(job, tiny_weights, tmp_path, reference):
-    """No restarts allowed: the dead worker's batches are handed to the surviving one."""
-    drive, actor, track = job
-    out, marker = tmp_path / "out.mp4", tmp_path / "crashed"
-    logs = []
-    with RayPool(_ray(max_restarts=0), _layout(tiny_weights), _opts(track), log=logs.append,
-                 fault={"marker": str(marker), "batch": 2}) as pool:
-        summary = run(drive, actor, out, _opts(track), weights=tiny_weights, prepare=pool.prepare, **QUIET)
-        assert pool.deaths >= 1 and len(pool.alive) == 1
-    assert marker.exists() and any("died" in line for line in logs)
-    assert summary.rendered == FRAMES
-    _assert_same(out, reference)
+    _assert_same(tmp_path / "out.mp4", reference)
 
 
 class _DriverKilled(Exception):
     pass
 
 
-def test_driver_killed_then_resume_with_other_worker_count(job, tiny_weights, tmp_path, reference, monkeypatch):
+def test_driver_killed_then_resume_with_other_worker_count(job, tiny_weights, tmp_path, reference, monkeypatch,
+                                                            pool1, pool2):
     from retarget.run import WorkFolder
 
-    drive, actor, track = job
     out = tmp_path / "out.mp4"
     save = WorkFolder.save
     saved = []
@@ -163,24 +201,21 @@ def test_driver_killed_then_resume_with_other_worker_count(job, tiny_weights, tm
 
     monkeypatch.setattr(WorkFolder, "save", dying_save)
     with pytest.raises(_DriverKilled):
-        run_on_ray(drive, actor, out, _opts(track), _ray(workers=2), weights=tiny_weights, **QUIET)
+        _run(pool2, job, tiny_weights, out)
     monkeypatch.setattr(WorkFolder, "save", save)
     assert not out.exists()
     frames = out.parent / f".{out.name}.work" / "frames"
     assert sorted(int(p.stem) for p in frames.glob("*.png")) == sorted(saved)
-    before = {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in saved}
+    # Batches arrive in any order: those complete on disk are kept; a partly saved one is redone whole.
+    kept = [i for s in range(0, FRAMES, BATCH) if all(i in saved for i in range(s, min(FRAMES, s + BATCH)))
+            for i in range(s, min(FRAMES, s + BATCH))]
+    assert kept
+    before = {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in kept}
 
-    summary = run_on_ray(drive, actor, out, _opts(track, resume=True), _ray(workers=1, actor_state="recompute"),
-                         weights=tiny_weights, **QUIET)
-    assert summary.rendered == FRAMES - BATCH  # only the missing frames
-    assert {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in saved} == before  # kept, not redone
+    summary = _run(pool1, job, tiny_weights, out, state="recompute", resume=True)
+    assert summary.rendered == FRAMES - len(kept)  # only the missing frames
+    assert {i: (frames / f"{i:06d}.png").stat().st_mtime_ns for i in kept} == before  # kept, not redone
     _assert_same(out, reference)
-
-
-def _layout(root):
-    from retarget.weights import WeightsLayout
-
-    return WeightsLayout(root)
 
 
 def test_batch_file_of_three_jobs_one_without_a_face(job, tiny_weights, tmp_path, capsys):
@@ -202,7 +237,7 @@ jobs:
      keyframes: [{{time: 0, preset: neutral}}, {{time: 0.3, jaw: 0.3}}]}}
 """)
     (tmp_path / "out").mkdir()
-    rc = main(["batch", str(jobs), "--ray", "--ray-workers", "2", "--ray-cpus-per-worker", "1"])
+    rc = main(["batch", str(jobs), "--ray", "--ray-workers", "1", "--ray-cpus-per-worker", "1"])
     printed = capsys.readouterr().out
     assert rc == 1
     assert (tmp_path / "out/take.mp4").is_file() and (tmp_path / "out/smile.mp4").is_file()
@@ -219,3 +254,16 @@ jobs:
     printed = capsys.readouterr().out
     assert rc == 1
     assert sum("done (earlier)" in line for line in printed.splitlines()) == 2
+
+
+def test_dead_worker_batches_go_to_the_others(job, tiny_weights, tmp_path, reference, pool2):
+    """A worker that keeps dying is given up after its restarts; its batches go to the other worker.
+    (Last in this file: pool2 is left with one worker.)"""
+    logs = []
+    pool2.log = logs.append
+    victim = pool2.ready[0]["actor_id"]
+    summary = _run(pool2, job, tiny_weights, tmp_path / "out.mp4", fault={"actor_id": victim, "batch": 1})
+    assert pool2.deaths >= 1 and pool2.alive == {1}
+    assert any("died" in line for line in logs)
+    assert summary.rendered == FRAMES
+    _assert_same(tmp_path / "out.mp4", reference)
