@@ -221,8 +221,11 @@ def test_driver_killed_then_resume_with_other_worker_count(job, tiny_weights, tm
 def test_batch_file_of_three_jobs_one_without_a_face(job, tiny_weights, tmp_path, capsys):
     import json
 
+    import torch
+
     from render.storyboard import save_image
     from retarget.cli import main
+    from retarget.sheets import make_storyboard, storyboard_expressions
 
     drive, actor, track = job
     blank = tmp_path / "wall.png"
@@ -231,8 +234,8 @@ def test_batch_file_of_three_jobs_one_without_a_face(job, tiny_weights, tmp_path
     jobs.write_text(f"""
 defaults: {{weights: {tiny_weights}, steps: 1, batch: {BATCH}, device: cpu}}
 jobs:
-  - {{name: take, command: run, drive: {drive}, actor: {actor}, track: {track}, output: out/take.mp4}}
-  - {{name: wall, command: storyboard, actor: wall.png, output: out/wall.png, presets: "neutral,jaw_open"}}
+  - {{name: wall, command: run, drive: {drive}, actor: wall.png, track: {track}, output: out/wall.mp4}}
+  - {{name: sheet, command: storyboard, actor: {actor}, output: out/sheet.png, presets: "neutral,jaw_open,eyes_closed"}}
   - {{name: smile, command: transition, actor: {actor}, output: out/smile.mp4, fps: 10,
      keyframes: [{{time: 0, preset: neutral}}, {{time: 0.3, jaw: 0.3}}]}}
 """)
@@ -240,14 +243,25 @@ jobs:
     rc = main(["batch", str(jobs), "--ray", "--ray-workers", "1", "--ray-cpus-per-worker", "1"])
     printed = capsys.readouterr().out
     assert rc == 1
-    assert (tmp_path / "out/take.mp4").is_file() and (tmp_path / "out/smile.mp4").is_file()
-    assert not (tmp_path / "out/wall.png").exists()
+    assert (tmp_path / "out/sheet.png").is_file() and (tmp_path / "out/smile.mp4").is_file()
+    assert not (tmp_path / "out/wall.mp4").exists()
     wall = next(line for line in printed.splitlines() if line.startswith("wall "))
     assert "failed" in wall and "no face found" in wall, printed
     assert "2 of 3 jobs done, 1 failed" in printed
     status = json.loads((tmp_path / "jobs.status.json").read_text())
-    assert {j["name"]: j["status"] for j in status["jobs"]} == {"take": "done", "wall": "failed", "smile": "done"}
-    assert status["jobs"][0]["frames"] == FRAMES
+    assert {j["name"]: j["status"] for j in status["jobs"]} == {"wall": "failed", "sheet": "done", "smile": "done"}
+    assert status["jobs"][2]["frames"] == 4  # 0.3 s at 10 fps, both ends
+
+    # The sheet rendered on the Ray worker is the one `retarget storyboard` makes here (1 thread, as the worker).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = make_storyboard(actor, tmp_path / "local.png", storyboard_expressions(presets="neutral,jaw_open,eyes_closed"),
+                                RunOptions(steps=1, batch=BATCH, device="cpu", paste_back=False),
+                                weights=tiny_weights, **QUIET)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(read_image(tmp_path / "out/sheet.png"), read_image(local))
 
     # Again, without Ray: the finished jobs are skipped, the failed one is tried again (and fails again).
     rc = main(["batch", str(jobs)])
