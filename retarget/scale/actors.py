@@ -85,8 +85,6 @@ class FrameRenderer:
     def prepare(self, job: dict, export: bool = True):
         """Prepare the job's actor here (face, identity, reference latent, bank) and keep it; return it
         exported (`export_actor`; without tensors when `export` is False). RetargetError on a bad photo."""
-        from retarget.pipeline import Actor  # noqa: F401  (the returned type)
-
         r = self._install(job)
         return export_actor(r.actor, tensors=export)
 

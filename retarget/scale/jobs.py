@@ -25,7 +25,7 @@ import json
 import os
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from render.errors import RetargetError
@@ -177,11 +177,24 @@ def _check_job(d: dict, n: int, base: Path, default_weights: str | None) -> Job:
     weights = d.get("weights", default_weights)
     weights = str(resolve(weights)) if weights else None
     name = str(d.get("name") or f"{n}-{output.stem}")
+    # Input files enter the spec by content, so a job whose photo or clip changed is not "done".
+    files = {k: _fingerprint(v) for k, v in {**inputs, **extra, "track": options.track}.items()
+             if isinstance(v, (str, Path)) and k in PATH_KEYS + ("keyframes",)}
     blob = json.dumps(dict(command=command, output=str(output), inputs={k: str(v) for k, v in inputs.items()},
                            extra={k: str(v) for k, v in extra.items()}, options=dataclasses.asdict(options),
-                           weights=weights), sort_keys=True)
+                           weights=weights, files=files), sort_keys=True)
     return Job(name=name, command=command, output=output, inputs=inputs, options=options, extra=extra,
                weights=weights, spec=hashlib.sha256(blob.encode()).hexdigest()[:16])
+
+
+def _fingerprint(v) -> str:
+    from retarget.run import file_fingerprint
+
+    p = Path(v)
+    try:
+        return file_fingerprint(p) if p.is_file() else "-"
+    except OSError:
+        return "-"
 
 
 def _typed(key: str, value, hint):

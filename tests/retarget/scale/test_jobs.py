@@ -74,3 +74,12 @@ def test_summary_names_the_failed_job():
     b_line = next(line for line in text.splitlines() if line.startswith("b "))
     assert "failed" in b_line and "error: no face found" in b_line
     assert text.splitlines()[-1] == "1 of 2 jobs done, 1 failed"
+
+
+def test_spec_follows_input_content(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"one")
+    p = _write(tmp_path, "jobs:\n  - {drive: d.mp4, actor: a.jpg, output: o.mp4}\n")
+    first = load_jobs(p)[0].spec
+    assert load_jobs(p)[0].spec == first
+    (tmp_path / "a.jpg").write_bytes(b"two")  # another photo under the same name: not the job done before
+    assert load_jobs(p)[0].spec != first
