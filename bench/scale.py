@@ -4,13 +4,19 @@ with one GPU actor, in one run (variants interleaved, median of --repeat).
     python bench/scale.py                 # GPU: full-size random weights (SD 1.5 sizes), fp16, 25 DPM++ steps
     python bench/scale.py --tiny          # CPU smoke run: tiny weights, 1 thread direct vs one 1-CPU actor
 
-Both variants run `retarget run` on a synthetic clip with a track file (tracking excluded: it runs
-on the driver either way) and the same batch size: model loading, actor preparation, rendering
-into the work folder and writing the video. The Ray variant connects first (a cluster that users
-operate is already running; the connect time is reported apart) and its job time includes
-starting the actor and loading the models in it. Reported per variant: job seconds and frames/s,
-render-stage frames/s (first batch asked to last frame saved), and Ray's overhead
-(direct / ray - 1) on both. Target: <= 5% on the job (600 frames by default: 24 s of video).
+Every variant runs `retarget run` on a synthetic clip with a track file (tracking excluded: it
+runs on the driver either way) and the same batch size: actor preparation, rendering into the
+work folder, paste-back and writing the video. Ray is connected first (a cluster that users
+operate is already running; the connect time is reported apart).
+
+    direct       models loaded inside the timed job (a plain `retarget run`)
+    ray          one GPU worker started inside the timed job: a new process imports torch and
+                 loads the models (what `retarget run --ray` costs when nothing overlaps it)
+    direct_warm  models loaded before the timer (the next job of `retarget batch`)
+    ray_warm     the worker loaded before the timer (the next job of `retarget batch --ray`)
+
+Reported: job seconds and frames/s, render-stage frames/s (first batch asked to last frame
+saved), and Ray's overhead (direct / ray - 1) cold and warm. Target: <= 5%.
 Writes bench/results/scale_<device>_<date>.json.
 """
 
@@ -101,22 +107,40 @@ def timed_prepare(prepare, stats: dict):
 
 
 def one_job(variant: str, inputs, opts, weights, ray_opts, out: Path) -> dict:
+    import functools
+
     import torch
 
-    from retarget.run import run
+    from retarget.pipeline import RetargetPipeline
+    from retarget.run import prepare_rendering, resolve_device, run
     from retarget.scale.pool import RayPool
     from retarget.weights import WeightsLayout
 
     stats: dict = {}
     layout = WeightsLayout(weights)
-    t0 = time.perf_counter()
+    quiet = dict(weights=layout, log=lambda *_: None)
     if variant == "direct":
-        summary = run(*inputs, out, opts, weights=layout, log=lambda *_: None, prepare=timed_prepare(None, stats))
+        t0 = time.perf_counter()
+        summary = run(*inputs, out, opts, prepare=timed_prepare(None, stats), **quiet)
+    elif variant == "direct_warm":
+        device, dtype = resolve_device(opts.device, opts.dtype)
+        pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        summary = run(*inputs, out, opts, prepare=timed_prepare(functools.partial(prepare_rendering, pipe=pipe), stats),
+                      **quiet)
+        del pipe
     else:
-        with RayPool(ray_opts, layout, opts, log=lambda *_: None) as pool:
+        warm = variant == "ray_warm"
+        if warm:
+            pool = RayPool(ray_opts, layout, opts, log=lambda *_: None)
+            pool.start()
+            pool._wait_ready(1)
+        t0 = time.perf_counter()
+        if not warm:
+            pool = RayPool(ray_opts, layout, opts, log=lambda *_: None)
             pool.start()  # as run_on_ray: the worker loads while the driver reads the inputs
-            summary = run(*inputs, out, opts, weights=layout, log=lambda *_: None,
-                          prepare=timed_prepare(pool.prepare, stats))
+        with pool:
+            summary = run(*inputs, out, opts, prepare=timed_prepare(pool.prepare, stats), **quiet)
     job_s = time.perf_counter() - t0
     gc.collect()
     if torch.cuda.is_available():
@@ -125,10 +149,13 @@ def one_job(variant: str, inputs, opts, weights, ray_opts, out: Path) -> dict:
                 render_s=stats["render_s"], render_fps=stats["render_frames"] / stats["render_s"])
 
 
+VARIANTS = ("direct", "ray", "direct_warm", "ray_warm")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny weights")
-    ap.add_argument("--frames", type=int, default=None, help="clip length (default 600; tiny: 12)")
+    ap.add_argument("--frames", type=int, default=None, help="clip length (default 300; tiny: 12)")
     ap.add_argument("--batch", type=int, default=None, help="frames per batch (default 16; tiny: 4)")
     ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved (default 2)")
@@ -142,7 +169,7 @@ def main(argv=None) -> int:
     from retarget.scale.options import RayOptions
 
     tiny = args.tiny or not torch.cuda.is_available()
-    frames = args.frames or (12 if tiny else 600)
+    frames = args.frames or (12 if tiny else 300)
     batch = args.batch or (4 if tiny else 16)
     steps = args.steps or (2 if tiny else 25)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -164,7 +191,7 @@ def main(argv=None) -> int:
         ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
         rows = []
         for k in range(args.repeat):
-            for variant in ("direct", "ray"):
+            for variant in VARIANTS:
                 row = one_job(variant, inputs[:2], opts, weights, ray_opts, work / f"{variant}{k}.mp4")
                 row["run"] = k
                 rows.append(row)
@@ -175,13 +202,16 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {v: {m: float(np.median([r[m] for r in rows if r["variant"] == v])) for m in ("job_fps", "render_fps")}
-           for v in ("direct", "ray")}
-    over = {m: med["ray"][m] and med["direct"][m] / med["ray"][m] - 1 for m in ("job_fps", "render_fps")}
-    print(f"\n{'variant':8s} {'job frames/s':>14s} {'render frames/s':>16s}")
-    for v in ("direct", "ray"):
-        print(f"{v:8s} {med[v]['job_fps']:14.2f} {med[v]['render_fps']:16.2f}")
-    print(f"Ray overhead: job {over['job_fps'] * 100:+.1f}%, render stage {over['render_fps'] * 100:+.1f}% "
-          f"(target <= 5%); ray.init {connect_s:.1f}s apart")
+           for v in VARIANTS}
+    over = {f"{m}_{kind}": med[f"ray{kind and '_' + kind}"][m] and
+            med[f"direct{kind and '_' + kind}"][m] / med[f"ray{kind and '_' + kind}"][m] - 1
+            for m in ("job_fps", "render_fps") for kind in ("", "warm")}
+    print(f"\n{'variant':12s} {'job frames/s':>14s} {'render frames/s':>16s}")
+    for v in VARIANTS:
+        print(f"{v:12s} {med[v]['job_fps']:14.2f} {med[v]['render_fps']:16.2f}")
+    print(f"Ray overhead (target <= 5%): job {over['job_fps_'] * 100:+.1f}% cold worker, "
+          f"{over['job_fps_warm'] * 100:+.1f}% warm; render stage {over['render_fps_'] * 100:+.1f}% / "
+          f"{over['render_fps_warm'] * 100:+.1f}%; ray.init {connect_s:.1f}s apart")
     gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
