@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="frames per batch (default 16; tiny: 4)")
     ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved (default 2)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = ap.parse_args(argv)
 
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
     from retarget.run import RunOptions
     from retarget.scale.options import RayOptions
 
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     tiny = args.tiny or not torch.cuda.is_available()
     frames = args.frames or (12 if tiny else 300)
     batch = args.batch or (4 if tiny else 16)
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
         ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
         rows = []
         for k in range(args.repeat):
-            for variant in VARIANTS:
+            for variant in variants:
                 row = one_job(variant, inputs[:2], opts, weights, ray_opts, work / f"{variant}{k}.mp4")
                 row["run"] = k
                 rows.append(row)
@@ -202,16 +206,17 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {v: {m: float(np.median([r[m] for r in rows if r["variant"] == v])) for m in ("job_fps", "render_fps")}
-           for v in VARIANTS}
-    over = {f"{m}_{kind}": med[f"ray{kind and '_' + kind}"][m] and
-            med[f"direct{kind and '_' + kind}"][m] / med[f"ray{kind and '_' + kind}"][m] - 1
-            for m in ("job_fps", "render_fps") for kind in ("", "warm")}
+           for v in variants}
     print(f"\n{'variant':12s} {'job frames/s':>14s} {'render frames/s':>16s}")
-    for v in VARIANTS:
+    for v in variants:
         print(f"{v:12s} {med[v]['job_fps']:14.2f} {med[v]['render_fps']:16.2f}")
-    print(f"Ray overhead (target <= 5%): job {over['job_fps_'] * 100:+.1f}% cold worker, "
-          f"{over['job_fps_warm'] * 100:+.1f}% warm; render stage {over['render_fps_'] * 100:+.1f}% / "
-          f"{over['render_fps_warm'] * 100:+.1f}%; ray.init {connect_s:.1f}s apart")
+    over = {}
+    for kind, (d, r) in (("cold", ("direct", "ray")), ("warm", ("direct_warm", "ray_warm"))):
+        if d in med and r in med:
+            over[kind] = {m: med[d][m] / med[r][m] - 1 for m in ("job_fps", "render_fps")}
+            print(f"Ray overhead, {kind} worker: job {over[kind]['job_fps'] * 100:+.1f}%, render stage "
+                  f"{over[kind]['render_fps'] * 100:+.1f}% (target <= 5%)")
+    print(f"ray.init: {connect_s:.1f}s (not in the jobs)")
     gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
