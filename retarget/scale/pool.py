@@ -37,12 +37,30 @@ def connect(address: str = "auto") -> bool:
     if ray.is_initialized():
         return False
     target = None if address == "auto" else address
+    if target not in (None, "local"):
+        _probe(target)
     try:
         ray.init(address=target, log_to_driver=False, include_dashboard=False, configure_logging=True,
                  logging_level="warning")
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise RetargetError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
     return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """RetargetError unless something accepts TCP connections at HOST:PORT (Ray itself would
+    retry a wrong address for minutes before failing)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RetargetError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RetargetError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                            f"start the head node with `ray start --head --port {port}`") from None
 
 
 def unwrap(e: BaseException) -> BaseException:

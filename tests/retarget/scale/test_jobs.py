@@ -83,3 +83,12 @@ def test_spec_follows_input_content(tmp_path):
     assert load_jobs(p)[0].spec == first
     (tmp_path / "a.jpg").write_bytes(b"two")  # another photo under the same name: not the job done before
     assert load_jobs(p)[0].spec != first
+
+
+def test_wrong_ray_address_fails_at_once():
+    from retarget.scale.pool import _probe
+
+    with pytest.raises(RetargetError, match="nothing answers at 127.0.0.1:1"):
+        _probe("127.0.0.1:1")  # Ray itself would retry for minutes
+    with pytest.raises(RetargetError, match="expected auto, local, HOST:PORT"):
+        _probe("headnode")
