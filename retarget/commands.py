@@ -13,9 +13,13 @@ from retarget.cliargs import add_dataclass_options, dataclass_from_args
 def cmd_run(args) -> int:
     from retarget.retake import RetakeOptions, is_video_actor, retake
     from retarget.run import RunOptions, run
+    from retarget.scale.options import ray_options_from_args
 
     opts = dataclass_from_args(RunOptions, args)
+    ray_opts = ray_options_from_args(args)
     if is_video_actor(args.actor):
+        if ray_opts is not None:
+            raise RetargetError("--ray: an actor video is rendered in one process for now; drop --ray")
         summary = retake(args.drive, args.actor, args.output, opts, dataclass_from_args(RetakeOptions, args),
                          weights=args.weights)
     else:
@@ -25,13 +29,34 @@ def cmd_run(args) -> int:
                       if getattr(args, f.name) != f.default]
         if video_only:
             raise RetargetError(f"{', '.join(video_only)}: for an actor video; {args.actor} is a photo")
-        summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
+        if ray_opts is not None:
+            from retarget.scale.pool import run_on_ray
+
+            summary = run_on_ray(args.drive, args.actor, args.output, opts, ray_opts, weights=args.weights)
+        else:
+            summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
     print(summary.line())
     if args.eval:
         from retarget.evaluate.cli import eval_after_run
 
         eval_after_run(args, opts, summary)
     return 0
+
+
+# --------------------------------------------------------------------------- batch
+
+def cmd_batch(args) -> int:
+    from retarget.scale.jobs import default_status_path, format_summary, load_jobs, run_jobs
+    from retarget.scale.options import ray_options_from_args
+
+    jobs = load_jobs(args.jobs, weights=args.weights)
+    ray_opts = ray_options_from_args(args)
+    status = Path(args.status) if args.status else default_status_path(Path(args.jobs))
+    results = run_jobs(jobs, status_path=status, ray_opts=ray_opts, fresh=args.fresh)
+    print()
+    print(format_summary(results))
+    print(f"status: {status}")
+    return 0 if all(r.status == "done" for r in results) else 1
 
 
 # --------------------------------------------------------------------------- track
@@ -193,12 +218,40 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
         retarget run drive.mp4 take.mp4 -o retake.mp4                  # re-perform a take (relative)
         retarget run drive.mp4 take.mp4 -o retake.mp4 --driver-end loop --actor-face 640,360
     """).replace("examples:", "", 1)
+    from retarget.scale.options import add_ray_options
+
+    add_ray_options(p)
     p.set_defaults(func=cmd_run)
     register_edit(sub, formatter, examples, add_weights_arg)
 
     from retarget.evaluate.cli import register_eval
 
     register_eval(sub, formatter, examples, add_weights_arg)
+
+    p = sub.add_parser(
+        "batch", help="many run / storyboard / transition jobs from one YAML file (optionally on Ray)",
+        formatter_class=formatter,
+        description="Check the whole jobs file, then run each job isolated (a bad input fails only that job), "
+                    "print a summary table and keep a JSON status file; run it again to skip finished jobs "
+                    "and resume the others. Exit code 1 when any job failed.",
+        epilog=examples("""
+            retarget batch jobs.yaml
+            retarget batch jobs.yaml --ray                      # jobs' frames spread over the Ray workers
+            retarget batch jobs.yaml --ray head-node:6379 --status /data/jobs.status.json
+            jobs.yaml:
+              defaults: {weights: ~/retarget-weights, fast: true}
+              jobs:
+                - {name: take1, command: run, drive: take1.mp4, actor: alice.jpg, output: out/take1.mp4}
+                - {command: storyboard, actor: bob.jpg, output: out/bob.png, presets: "neutral,jaw_open"}
+                - {command: transition, actor: bob.jpg, keyframes: keys.json, output: out/bob.mp4}
+        """))
+    p.add_argument("jobs", help="jobs file (YAML or JSON): a list under 'jobs:', optional 'defaults:'")
+    p.add_argument("--status", default=None, metavar="JSON",
+                   help="status file (default: JOBS.status.json beside the jobs file)")
+    p.add_argument("--fresh", action="store_true", help="ignore the status file and work folders: redo every job")
+    add_weights_arg(p)
+    add_ray_options(p)
+    p.set_defaults(func=cmd_batch)
 
     from tracking.export import CSV_WHICH
     from tracking.keyframes import EASINGS, PRESETS

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -247,10 +247,25 @@ class Rendering:
     device: str
     dtype: object
     call: dict  # keyword arguments for pipe(actor, params, ...)
+    # Where frames are rendered: None renders with `pipe` in this process; else a function
+    # (batches: lists of frame indices, params (T, 55)) -> iterator of (indices, (B, H, W, 3)
+    # uint8 images), in any order, that renders elsewhere (retarget.scale: on Ray actors).
+    render_batches: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]] | None = None
+    batch_size: int = 0  # frames per batch the renderer chose for --batch 0 (0: auto_batch here)
+
+    def render(self, batches: list[list[int]], params: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(indices, images) for each batch of frame indices of `params` (T, 55), as they are rendered."""
+        if self.render_batches is not None:
+            yield from self.render_batches(batches, params)
+            return
+        for idx in batches:
+            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call))
 
 
-def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb: np.ndarray | None = None) -> Rendering:
-    """Load the pipeline and compute the actor's identity, reference latent and bank (once)."""
+def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb: np.ndarray | None = None,
+                      pipe=None) -> Rendering:
+    """Load the pipeline (unless `pipe`, a loaded RetargetPipeline, is given) and compute the
+    actor's identity, reference latent and bank (once)."""
     import torch
 
     from retarget.pipeline import RetargetPipeline
@@ -260,7 +275,8 @@ def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb
         layout.require(name)
     device, dtype = resolve_device(opts.device, opts.dtype)
     key = (str(layout.root.resolve()), device, str(dtype))
-    pipe = _kept_pipelines.get(key) if _kept_pipelines is not None else None
+    if pipe is None and _kept_pipelines is not None:
+        pipe = _kept_pipelines.get(key)
     if pipe is None:
         log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
         pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
@@ -275,7 +291,7 @@ def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb
 
 
 def render_call(opts: RunOptions) -> dict:
-    """The keyword arguments of pipe(actor, params, ...) that the options set."""
+    """The keyword arguments of `pipe(actor, params, ...)` for these options."""
     steps, guidance = opts.steps, opts.guidance
     if opts.fast and (steps, guidance) == (25, 3.0):  # untouched defaults: LCM's own
         steps, guidance = 4, 1.0
@@ -284,12 +300,13 @@ def render_call(opts: RunOptions) -> dict:
 
 
 def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.PathLike,
-        options: RunOptions | None = None, *, weights=None, log=print) -> RunSummary:
+        options: RunOptions | None = None, *, weights=None, log=print, prepare=None) -> RunSummary:
     """Render `out` (.mp4/.mov/.mkv): the actor of `actor_path` performing the face of `drive`.
 
     drive: a video file, folder of frames or image; actor_path: a photo with one face (the
     largest is used when there are several, and this is reported); weights: a WeightsLayout or
-    folder (default: resolved as in the CLI). Raises RetargetError on bad input; never leaves a
+    folder (default: resolved as in the CLI); prepare: replaces `prepare_rendering` (same
+    arguments; retarget.scale passes one whose Rendering renders on Ray actors). Raises RetargetError on bad input; never leaves a
     broken `out` (it is written under a temporary name and renamed at the end).
     """
     from render.video import open_video
@@ -335,7 +352,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                              driver_neutral=driver_neutral, actor_neutral=actor_neutral)
 
     # 3. identity and reference once, then the frames, then the video.
-    r = prepare_rendering(layout, actor_path, opts, log, actor_rgb=actor_rgb)
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb)
     source = {"drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve())}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     preview = None
@@ -376,7 +393,7 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
     Batches are aligned to multiples of the batch size, so a resumed run renders the same
     batches (bit-identical frames) as an uninterrupted one. Returns frames rendered now.
     """
-    batch = opts.batch or auto_batch(r.device, r.pipe.image_size)
+    batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
     manifest = {
         **source, "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
         "params": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16], "batch": batch,
@@ -384,7 +401,7 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
         **{k: v for k, v in r.call.items()},
     }
     work.start(manifest, opts.resume)
-    return _render_all(r.pipe, r.actor, params, work, batch, r.call, log)
+    return _render_all(r, params, work, batch, log)
 
 
 def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, fps: float, opts: RunOptions, *,
@@ -504,9 +521,9 @@ def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, r
     return one.params[0], n, float(one.times[0])
 
 
-def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, call: dict, log) -> int:
-    """Render every frame missing from `work`, `batch` frames at a time; halve the batch and
-    retry on out-of-memory. Returns how many frames were rendered now."""
+def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, log) -> int:
+    """Render every frame missing from `work`, `batch` frames at a time (through `r.render`);
+    halve the batch and retry on out-of-memory. Returns how many frames were rendered now."""
     n = len(params)
     todo = [s for s in range(0, n, batch) if not all(work.has(i) for i in range(s, min(n, s + batch)))]
     done = n - sum(min(n, s + batch) - s for s in todo)
@@ -514,9 +531,7 @@ def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, c
         log(f"resuming: {done} of {n} frames already rendered")
     bar = _progress(n, "rendering", initial=done)
     rendered = 0
-    for s in todo:
-        idx = list(range(s, min(n, s + batch)))
-        images = _render_with_backoff(pipe, actor, params, idx, call)
+    for idx, images in r.render([list(range(s, min(n, s + batch))) for s in todo], params):
         for i, img in zip(idx, images):
             work.save(i, img)
         rendered += len(idx)

@@ -71,20 +71,22 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
 
 
 def render_expressions(actor_path: str | os.PathLike, params: np.ndarray, options: RunOptions | None = None, *,
-                       weights=None, log=print) -> list[np.ndarray]:
+                       weights=None, log=print, prepare=None) -> list[np.ndarray]:
     """The actor rendered with each row of `params` (N, 55): N HxWx3 uint8 images, the aligned
-    face crops, or the whole photo with the face pasted back when `options.paste_back`."""
+    face crops, or the whole photo with the face pasted back when `options.paste_back`.
+    prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
     from retarget.weights import WeightsLayout
 
     opts = options or RunOptions()
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    r = prepare_rendering(layout, Path(actor_path), opts, log)
+    r = (prepare or prepare_rendering)(layout, Path(actor_path), opts, log)
     params = np.asarray(params, np.float32).reshape(-1, 55)
     batch = opts.batch or 8
-    images = []
-    for s in range(0, len(params), batch):
-        images += list(r.pipe(r.actor, params[s:s + batch], frame_indices=list(range(s, min(len(params), s + batch))),
-                              **r.call))
+    images = [None] * len(params)
+    for idx, ims in r.render([list(range(s, min(len(params), s + batch))) for s in range(0, len(params), batch)],
+                             params):
+        for i, im in zip(idx, ims):
+            images[i] = im
     if opts.paste_back:
         images = [pipe_paste(r.actor_rgb, im, r.actor) for im in images]
     return images
@@ -92,8 +94,9 @@ def render_expressions(actor_path: str | os.PathLike, params: np.ndarray, option
 
 def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
                     options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
-                    log=print) -> Path:
-    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
+                    log=print, prepare=None) -> Path:
+    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`.
+    prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
     from render.storyboard import save_image, storyboard
 
     opts = options or RunOptions()
@@ -101,18 +104,20 @@ def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
     check_writable(out.parent, "output folder")
-    images = render_expressions(actor_path, np.stack([c[1] for c in cells]), opts, weights=weights, log=log)
+    images = render_expressions(actor_path, np.stack([c[1] for c in cells]), opts, weights=weights, log=log,
+                                prepare=prepare)
     sheet = storyboard(images, [c[0] for c in cells], columns=columns, cell=cell, title=actor_path.name)
     return save_image(out, sheet)
 
 
 def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os.PathLike,
                     options: RunOptions | None = None, *, fps: float = 25.0, easing: str = "smoothstep",
-                    weights=None, log=print) -> RunSummary:
+                    weights=None, log=print, prepare=None) -> RunSummary:
     """Render a video of the actor moving smoothly through the keys of a keyframe file (JSON or
     YAML, keys from any expression source: retarget.transitions), and write the interpolated
     parameters as a track file beside it (`transition_track_path(out)`, track file v1).
-    Every key is checked and every picture tracked before the diffusion pipeline loads."""
+    Every key is checked and every picture tracked before the diffusion pipeline loads.
+    prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
     from retarget.run import RENDER_WEIGHTS
     from retarget.sources import check_sources, input_paths
     from retarget.transitions import (
@@ -145,7 +150,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     kfs = resolve_keys(keyfile, layout=layout, device=opts.device, log=log)
     times, params = interpolate_keyframes(kfs, fps, easing=easing)
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
-    r = prepare_rendering(layout, actor_path, opts, log)
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log)
     source = {"keyframes": keyfile.sha256[:16], "fps": fps, "easing": easing}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     write_video(r, params, work, out, fps, opts)

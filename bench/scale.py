@@ -1,0 +1,234 @@
+"""Ray's overhead on one GPU: whole-job frames/s for the same clip run directly and through Ray
+with one GPU actor, in one run (variants interleaved, median of --repeat).
+
+    python bench/scale.py                 # GPU: full-size random weights (SD 1.5 sizes), fp16, 25 DPM++ steps
+    python bench/scale.py --tiny          # CPU smoke run: tiny weights, 1 thread direct vs one 1-CPU actor
+
+Every variant runs `retarget run` on a synthetic clip with a track file (tracking excluded: it
+runs on the driver either way) and the same batch size: actor preparation, rendering into the
+work folder, paste-back and writing the video. Ray is connected first (a cluster that users
+operate is already running; the connect time is reported apart).
+
+    direct       models loaded inside the timed job (a plain `retarget run`)
+    ray          one GPU worker started inside the timed job: a new process imports torch and
+                 loads the models (what `retarget run --ray` costs when nothing overlaps it)
+    direct_warm  models loaded before the timer (the next job of `retarget batch`)
+    ray_warm     the worker loaded before the timer (the next job of `retarget batch --ray`)
+
+Reported: job seconds and frames/s, render-stage frames/s (first batch asked to last frame
+saved), and Ray's overhead (direct / ray - 1) cold and warm. Target: <= 5%.
+Writes bench/results/scale_<device>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_full_weights(root: Path) -> Path:
+    """The release layout with full-size random weights: SD 1.5 UNet and VAE, CLIP-L encoder, adapters
+    and LoRAs at the release's sizes (the tiny set's ArcFace, SMIRK and tokenizer: they are not timed)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.pipeline import CLIP_L, LCM_LORA_RANK, REF_LORA_RANK, SD15_UNET, SD15_VAE
+    from retarget import tiny
+
+    tiny.write_tiny_weights(root)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    shutil.rmtree(root / "arc2face")
+    unet.to(torch.float16).save_pretrained(root / "arc2face")
+    unet = unet.float()
+    shutil.rmtree(root / "vae")
+    AutoencoderKL(**SD15_VAE).to(torch.float16).save_pretrained(root / "vae")
+    vocab = json.loads((root / "encoder" / "config.json").read_text())["vocab_size"]
+    cfg = CLIPTextConfig(**dict(CLIP_L, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                pad_token_id=1))
+    cfg.save_pretrained(root / "encoder")
+    torch.save(CLIPTextModel(cfg).half().state_dict(), root / "encoder" / "pytorch_model.bin")
+    torch.save(tiny.exp_adapter_state_dict(unet, "linear"), root / "exp_adapter" / "exp_adapter.bin")
+    save_file(tiny.ref_lora_state_dict(unet, rank=REF_LORA_RANK), root / "ref_adapter" / "pytorch_lora_weights.safetensors")
+    save_file(tiny.lcm_lora_state_dict(unet, rank=LCM_LORA_RANK), root / "lcm_lora" / "pytorch_lora_weights.safetensors")
+    (root / "TINY_WEIGHTS.txt").unlink()
+    return root
+
+
+def make_clip(root: Path, frames: int, fps: float = 25.0):
+    """A driving clip of `frames` frames, the sample actor photo and a track of random expressions."""
+    from render.storyboard import save_image
+    from retarget.samples import sample_actor, write_sample_drive
+    from tracking.track import Track
+
+    drive = write_sample_drive(root / "drive.mp4", seconds=frames / fps, fps=fps, size=128)
+    actor = root / "actor.png"
+    save_image(actor, sample_actor())
+    params = (np.random.default_rng(0).standard_normal((frames, 55)) * 0.8).astype(np.float32)
+    track = root / "drive.track.npz"
+    Track(raw=params, params=params, valid=np.ones(frames, bool), times=np.arange(frames) / fps, fps=fps).save(track)
+    return drive, actor, track
+
+
+def timed_prepare(prepare, stats: dict):
+    """Wrap a prepare= hook so the Rendering records the render stage's time and frame count."""
+    from retarget.run import prepare_rendering
+
+    def hook(*a, **kw):
+        r = (prepare or prepare_rendering)(*a, **kw)
+        inner = r.render_batches or dataclasses.replace(r).render
+
+        def render_batches(batches, params):
+            t0, n = time.perf_counter(), 0
+            for idx, images in inner(batches, params):
+                n += len(idx)
+                yield idx, images
+            stats.update(render_s=time.perf_counter() - t0, render_frames=n)
+
+        r.render_batches = render_batches
+        return r
+
+    return hook
+
+
+def one_job(variant: str, inputs, opts, weights, ray_opts, out: Path) -> dict:
+    import functools
+
+    import torch
+
+    from retarget.pipeline import RetargetPipeline
+    from retarget.run import prepare_rendering, resolve_device, run
+    from retarget.scale.pool import RayPool
+    from retarget.weights import WeightsLayout
+
+    stats: dict = {}
+    layout = WeightsLayout(weights)
+    quiet = dict(weights=layout, log=lambda *_: None)
+    if variant == "direct":
+        t0 = time.perf_counter()
+        summary = run(*inputs, out, opts, prepare=timed_prepare(None, stats), **quiet)
+    elif variant == "direct_warm":
+        device, dtype = resolve_device(opts.device, opts.dtype)
+        pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        summary = run(*inputs, out, opts, prepare=timed_prepare(functools.partial(prepare_rendering, pipe=pipe), stats),
+                      **quiet)
+        del pipe
+    else:
+        warm = variant == "ray_warm"
+        if warm:
+            pool = RayPool(ray_opts, layout, opts, log=lambda *_: None)
+            pool.start()
+            pool._wait_ready(1)
+        t0 = time.perf_counter()
+        if not warm:
+            pool = RayPool(ray_opts, layout, opts, log=lambda *_: None)
+            pool.start()  # as run_on_ray: the worker loads while the driver reads the inputs
+        with pool:
+            summary = run(*inputs, out, opts, prepare=timed_prepare(pool.prepare, stats), **quiet)
+    job_s = time.perf_counter() - t0
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dict(variant=variant, frames=summary.frames, job_s=job_s, job_fps=summary.frames / job_s,
+                render_s=stats["render_s"], render_fps=stats["render_frames"] / stats["render_s"])
+
+
+VARIANTS = ("direct", "ray", "direct_warm", "ray_warm")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny weights")
+    ap.add_argument("--frames", type=int, default=None, help="clip length (default 300; tiny: 12)")
+    ap.add_argument("--batch", type=int, default=None, help="frames per batch (default 16; tiny: 4)")
+    ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved (default 2)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    args = ap.parse_args(argv)
+
+    import ray
+    import torch
+
+    from retarget.run import RunOptions
+    from retarget.scale.options import RayOptions
+
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    tiny = args.tiny or not torch.cuda.is_available()
+    frames = args.frames or (12 if tiny else 300)
+    batch = args.batch or (4 if tiny else 16)
+    steps = args.steps or (2 if tiny else 25)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        if tiny:
+            from retarget.tiny import write_tiny_weights
+
+            torch.set_num_threads(1)  # as the one 1-CPU actor
+            weights = write_tiny_weights(work / "weights")
+        else:
+            print("writing full-size random weights ...", flush=True)
+            weights = write_full_weights(work / "weights")
+        inputs = make_clip(work, frames)
+        device = "cpu" if tiny else "cuda"
+        opts = RunOptions(steps=steps, batch=batch, device=device, track=str(inputs[2]), paste_back=True)
+        t0 = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False, **(dict(num_cpus=2) if tiny else {}))
+        connect_s = time.perf_counter() - t0
+        ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
+        rows = []
+        for k in range(args.repeat):
+            for variant in variants:
+                row = one_job(variant, inputs[:2], opts, weights, ray_opts, work / f"{variant}{k}.mp4")
+                row["run"] = k
+                rows.append(row)
+                print(f"{variant:6s} run {k}: job {row['job_s']:7.1f}s {row['job_fps']:7.2f} frames/s | "
+                      f"render {row['render_fps']:7.2f} frames/s", flush=True)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {v: {m: float(np.median([r[m] for r in rows if r["variant"] == v])) for m in ("job_fps", "render_fps")}
+           for v in variants}
+    print(f"\n{'variant':12s} {'job frames/s':>14s} {'render frames/s':>16s}")
+    for v in variants:
+        print(f"{v:12s} {med[v]['job_fps']:14.2f} {med[v]['render_fps']:16.2f}")
+    over = {}
+    for kind, (d, r) in (("cold", ("direct", "ray")), ("warm", ("direct_warm", "ray_warm"))):
+        if d in med and r in med:
+            over[kind] = {m: med[d][m] / med[r][m] - 1 for m in ("job_fps", "render_fps")}
+            print(f"Ray overhead, {kind} worker: job {over[kind]['job_fps'] * 100:+.1f}%, render stage "
+                  f"{over[kind]['render_fps'] * 100:+.1f}% (target <= 5%)")
+    print(f"ray.init: {connect_s:.1f}s (not in the jobs)")
+    gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
+    info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
+                repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
+                host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
+                overhead=over)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{info['date']}.json"
+    (out / name).write_text(json.dumps(info, indent=2))
+    print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""`RayPool`: the driver side. Connects to Ray, starts `FrameRenderer` actors, prepares each job's
+actor once, and hands out batches of frame indices as actors free up (`ray.wait`), yielding the
+frames as they arrive; `retarget.run` writes them into the work folder (no shared filesystem).
+
+Faults: an actor that dies mid-batch is restarted by Ray (`max_restarts`) and its batch retried
+(`max_task_retries`); once an actor is gone for good, its batches go to the others. Frames are
+the single-process run's, bit for bit: every batch is the batch `retarget.run` asks for (the same
+frames, so the same GEMM shapes), rendered by the same code on the same kind of device, and a
+frame's noise depends only on (seed, frame index).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from render.errors import RetargetError
+from retarget.scale.options import RayOptions
+
+RAY_MISSING = "--ray needs Ray: pip install 'ray>=2.9' (or pip install 'retarget[ray]')"
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RetargetError(RAY_MISSING) from None
+    return ray
+
+
+def connect(address: str = "auto") -> bool:
+    """Connect this process to Ray (see RayOptions.address); True when this call started it."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    target = None if address == "auto" else address
+    if target not in (None, "local"):
+        _probe(target)
+    try:
+        ray.init(address=target, log_to_driver=False, include_dashboard=False, configure_logging=True,
+                 logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise RetargetError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
+    return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """RetargetError unless something accepts TCP connections at HOST:PORT (Ray itself would
+    retry a wrong address for minutes before failing)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RetargetError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RetargetError(f"--ray {address}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                            f"start the head node with `ray start --head --port {port}`") from None
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The RetargetError inside a Ray task error, as a plain RetargetError (its own message, no
+    remote traceback); other errors unchanged."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, RetargetError):
+        return RetargetError(str(cause.args[0]) if cause.args else str(cause))
+    return e
+
+
+def load_key(layout, opts) -> tuple:
+    """What fixes a loaded pipeline: weights folder, device, dtype, LCM. Jobs with the same key share actors."""
+    return (str(Path(layout.root).resolve()), opts.device, opts.dtype, bool(opts.fast))
+
+
+class RayPool:
+    """Workers for jobs whose options share `load_key(layout, opts)`.
+
+    Use as a context manager; `prepare` is the `prepare=` hook of `retarget.run.run`,
+    `retarget.sheets.make_storyboard` and `make_transition`. Ray is connected and the actors are
+    started by `start()` or the first `prepare`, so bad inputs can fail before any of it. `fault`:
+    tests only, given to the jobs prepared from now on (see FrameRenderer).
+    """
+
+    def __init__(self, ray_opts: RayOptions, layout, opts, *, log=print, fault: dict | None = None):
+        self.ray_opts, self.layout, self.key = ray_opts, layout, load_key(layout, opts)
+        self.load = dict(device=opts.device, dtype=opts.dtype, fast=bool(opts.fast))
+        self.log, self.fault = log, fault
+        self.actors: list = []
+        self.alive: set[int] = set()
+        self.ready: dict[int, dict] = {}  # actor number -> its info()
+        self._starting: dict = {}  # info() ref -> actor number
+        self._started_ray = False
+        self.deaths = 0
+
+    # ------------------------------------------------------------------ lifetime
+    def __enter__(self) -> "RayPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors (frees their GPUs); disconnect if this pool connected."""
+        if not self.actors and not self._started_ray:
+            return
+        ray = import_ray()
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors, self.alive, self.ready, self._starting = [], set(), {}, {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def start(self) -> None:
+        """Connect and start the workers (asynchronously: they load the engine while we go on)."""
+        if self.actors:
+            return
+        ray = import_ray()
+        self._started_ray = connect(self.ray_opts.address)
+        res = ray.cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+        o = self.ray_opts
+        if gpus and self.load["device"] != "cpu":
+            per = dict(num_gpus=1, num_cpus=1)
+            n = o.workers or gpus
+            where = f"{n} GPU worker(s) (the cluster has {gpus} GPUs)"
+            if n > gpus:
+                self.log(f"warning: --ray-workers {n} but the cluster has {gpus} GPUs; the rest wait for GPUs")
+        else:
+            if self.load["device"] == "cuda":
+                raise RetargetError("--device cuda: the Ray cluster has no GPU")
+            cpw = o.cpus_per_worker or max(1, min(4, cpus))
+            per = dict(num_cpus=cpw)
+            n = o.workers or max(1, cpus // cpw)
+            where = f"{n} CPU worker(s) of {cpw} CPU(s) (no GPU in the cluster)"
+        from retarget.scale.actors import FrameRenderer
+
+        remote = ray.remote(FrameRenderer).options(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **per)
+        self.actors = [remote.remote(str(self.layout.root), self.load) for _ in range(n)]
+        self.alive = set(range(n))
+        self._starting = {a.info.remote(): i for i, a in enumerate(self.actors)}
+        self.log(f"ray: {where}, actor state: {o.actor_state}")
+
+    def _wait_ready(self, need: int = 1) -> None:
+        """Block until at least `need` workers have loaded (or every worker failed to)."""
+        ray = import_ray()
+        while len(self.ready) < need and self._starting:
+            done, _ = ray.wait(list(self._starting), num_returns=1)
+            self._settle_start(done[0])
+        if not self.ready:
+            raise RetargetError("no Ray worker could load the models (see the first error above)")
+
+    def _settle_start(self, ref) -> None:
+        ray = import_ray()
+        i = self._starting.pop(ref)
+        try:
+            self.ready[i] = ray.get(ref)
+        except Exception as e:
+            self.alive.discard(i)
+            e = unwrap(e)
+            if isinstance(e, RetargetError):
+                raise e from None
+            self.log(f"warning: Ray worker {i} failed to start: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+    # ------------------------------------------------------------------ the prepare= hook
+    def prepare(self, layout, actor_path, opts, log, actor_rgb: np.ndarray | None = None):
+        """`retarget.run.prepare_rendering`, with the pipeline on Ray workers: one worker prepares
+        the actor (identity, reference latent, bank); the returned Rendering renders on all of them."""
+        from retarget.run import RENDER_WEIGHTS, Rendering, read_image, render_call
+
+        if load_key(layout, opts) != self.key:
+            raise RetargetError("internal: this Ray pool was started for other weights/device/dtype/--fast")
+        ray = import_ray()
+        actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
+        for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
+            layout.require(name)
+        self.start()
+        self._wait_ready(1)
+        first = min(self.ready)
+        ship = self.ray_opts.actor_state == "ship"
+        job = {"key": uuid.uuid4().hex, "opts": opts, "photo": [ray.put(np.ascontiguousarray(actor_rgb))],
+               "state": None, "fault": self.fault}
+        try:
+            actor = ray.get(self.actors[first].prepare.remote(job, ship))
+        except Exception as e:
+            raise unwrap(e) from None
+        if actor.face_report:
+            log(actor.face_report)
+        if ship:
+            job["state"] = [ray.put(actor)]  # owned by the driver: outlives the worker that made it
+        info = self.ready[first]
+        return Rendering(pipe=None, actor=actor, actor_rgb=actor_rgb, device=info["device"], dtype=info["dtype"],
+                         call=render_call(opts), batch_size=info["auto_batch"],
+                         render_batches=lambda batches, params: self.render_batches(job, batches, params))
+
+    # ------------------------------------------------------------------ scheduling
+    def render_batches(self, job: dict, batches: list[list[int]], params: np.ndarray):
+        """Yield (indices, (B, H, W, 3) uint8) for every batch, in completion order. Each ready worker
+        holds up to `in_flight` batches; a finished batch frees a slot for the next one."""
+        ray = import_ray()
+        from ray.exceptions import RayActorError
+
+        queue = deque(list(b) for b in batches)
+        pending: dict = {}  # ref -> (worker, indices)
+        load = {i: 0 for i in range(len(self.actors))}
+
+        def feed(i: int) -> None:
+            while i in self.alive and i in self.ready and load[i] < self.ray_opts.in_flight and queue:
+                idx = queue.popleft()
+                ref = self.actors[i].render.remote(job, idx, np.ascontiguousarray(params[idx]))
+                pending[ref] = (i, idx)
+                load[i] += 1
+
+        for i in sorted(self.ready):
+            feed(i)
+        try:
+            while queue or pending:
+                waiting = list(pending) + list(self._starting)
+                if not waiting:
+                    raise RetargetError(f"every Ray worker died ({self.deaths} deaths); "
+                                        "run again with --resume to render the missing frames")
+                done, _ = ray.wait(waiting, num_returns=1)
+                ref = done[0]
+                if ref in self._starting:
+                    i = self._starting[ref]
+                    self._settle_start(ref)
+                    feed(i)
+                    continue
+                i, idx = pending.pop(ref)
+                load[i] -= 1
+                try:
+                    got_idx, images = ray.get(ref)
+                except RayActorError as e:
+                    # Ray has already restarted the worker and retried as often as allowed: it is gone.
+                    self.deaths += 1
+                    if i in self.alive:
+                        self.alive.discard(i)
+                        self.log(f"warning: Ray worker {i} died ({type(e).__name__}); "
+                                 "its batches go to the other workers")
+                    queue.appendleft(idx)
+                    for j in sorted(self.ready):
+                        feed(j)
+                    continue
+                except Exception as e:
+                    raise unwrap(e) from None
+                if list(got_idx) != list(idx):
+                    raise RetargetError(f"internal: a Ray worker returned frames {got_idx} for {idx}")
+                yield idx, images
+                feed(i)
+        finally:
+            for ref in pending:
+                try:
+                    ray.cancel(ref)
+                except Exception:
+                    pass
+
+    def stats(self) -> list[dict]:
+        """Per live worker: pid, batches rendered, actors prepared (tests and the benchmark)."""
+        ray = import_ray()
+        return ray.get([self.actors[i].stats.remote() for i in sorted(self.alive)])
+
+
+def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None = None, *, weights=None, log=print,
+               fault: dict | None = None):
+    """`retarget.run.run` with the frames rendered by Ray workers; the same arguments and result."""
+    from retarget.run import RunOptions, run
+    from retarget.weights import WeightsLayout
+
+    from retarget.run import RENDER_WEIGHTS, check_output_name, read_image
+
+    opts = options or RunOptions()
+    layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
+    # The cheap checks of run() first, then the workers start loading while the driver tracks the clip.
+    check_output_name(Path(out))
+    if not Path(drive).exists():
+        raise RetargetError(f"driving video {drive} does not exist")
+    read_image(actor_path, "actor photo")
+    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
+        layout.require(name)
+    with RayPool(ray_opts or RayOptions(), layout, opts, log=log, fault=fault) as pool:
+        pool.start()
+        return run(drive, actor_path, out, opts, weights=layout, log=log, prepare=pool.prepare)
