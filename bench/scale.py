@@ -70,15 +70,30 @@ def write_full_weights(root: Path) -> Path:
     return root
 
 
-def make_clip(root: Path, frames: int, fps: float = 25.0):
-    """A driving clip of `frames` frames, the sample actor photo and a track of random expressions."""
+def make_inputs(root: Path, frames: int, fps: float = 25.0) -> tuple[Path, Path]:
+    """The sample driving clip (`frames` frames, 128 px) and actor photo, and `faces.json`: their
+    faces found here by dlib, to be replayed where dlib is missing (bench/replayed_faces.py)."""
+    from bench.replayed_faces import record
     from render.storyboard import save_image
     from retarget.samples import sample_actor, write_sample_drive
-    from tracking.track import Track
 
+    root.mkdir(parents=True, exist_ok=True)
     drive = write_sample_drive(root / "drive.mp4", seconds=frames / fps, fps=fps, size=128)
     actor = root / "actor.png"
     save_image(actor, sample_actor())
+    record(root / "faces.json", [actor])
+    return drive, actor
+
+
+def make_clip(root: Path, frames: int, fps: float = 25.0, inputs: Path | None = None):
+    """A driving clip of `frames` frames, the sample actor photo and a track of random expressions.
+    inputs: a folder made by --make-inputs (drive.mp4, actor.png, faces.json) to use instead."""
+    from tracking.track import Track
+
+    if inputs is None:
+        drive, actor = make_inputs(root, frames, fps)
+    else:
+        drive, actor = inputs / "drive.mp4", inputs / "actor.png"
     params = (np.random.default_rng(0).standard_normal((frames, 55)) * 0.8).astype(np.float32)
     track = root / "drive.track.npz"
     Track(raw=params, params=params, valid=np.ones(frames, bool), times=np.arange(frames) / fps, fps=fps).save(track)
@@ -161,7 +176,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved (default 2)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    ap.add_argument("--make-inputs", metavar="DIR", default=None,
+                    help="only write the clip, photo and their recorded faces to DIR (here, where dlib is), then exit")
+    ap.add_argument("--inputs", metavar="DIR", default=None,
+                    help="use the inputs of --make-inputs and replay their faces (a GPU host without dlib)")
     args = ap.parse_args(argv)
+    if args.make_inputs:
+        print(make_inputs(Path(args.make_inputs), args.frames or 300))
+        return 0
 
     import ray
     import torch
@@ -186,11 +208,24 @@ def main(argv=None) -> int:
         else:
             print("writing full-size random weights ...", flush=True)
             weights = write_full_weights(work / "weights")
-        inputs = make_clip(work, frames)
+        runtime_env = {}
+        if args.inputs:
+            import os
+
+            from bench import replayed_faces
+
+            faces = str(Path(args.inputs).resolve() / "faces.json")
+            replayed_faces.install(faces)
+            root = str(Path(__file__).resolve().parents[1])
+            runtime_env = {"env_vars": {replayed_faces.ENV: faces,
+                                        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))},
+                           "worker_process_setup_hook": "bench.replayed_faces.install_from_env"}
+        inputs = make_clip(work, frames, inputs=Path(args.inputs) if args.inputs else None)
         device = "cpu" if tiny else "cuda"
         opts = RunOptions(steps=steps, batch=batch, device=device, track=str(inputs[2]), paste_back=True)
         t0 = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False, **(dict(num_cpus=2) if tiny else {}))
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env=runtime_env or None,
+                 **(dict(num_cpus=2) if tiny else {}))
         connect_s = time.perf_counter() - t0
         ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
         rows = []
@@ -221,7 +256,7 @@ def main(argv=None) -> int:
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
                 host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
-                overhead=over)
+                overhead=over, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{info['date']}.json"

@@ -167,7 +167,7 @@ def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys):
                "--batch", str(BATCH), "--device", "cpu", "--track", str(track), "--crop-only", "--keep-work",
                "--ray", "--ray-workers", "1", "--ray-cpus-per-worker", "1"])
     assert rc == 0, capsys.readouterr().err
-    assert f"done: {FRAMES} frames ({FRAMES} rendered now)" in capsys.readouterr().out
+    assert f"done: {FRAMES} frames ({FRAMES} rendered now, 0 driving frames tracked)" in capsys.readouterr().out
     _assert_same(out, reference)
 
 
