@@ -304,10 +304,11 @@ def driver_schedule(times: np.ndarray, fps: float, *, n_out: int, out_fps: float
 def _driver_track(drive: Path, choice, layout, opts: RunOptions, work: WorkFolder, device: str, log):
     """The driving performance: `retarget.run`'s track (largest face, --track, resume cache), or, for
     another --drive-face, the chosen face followed through the video."""
+    from render.video import open_video
     from retarget.run import _driving_track
 
     if choice.kind == "largest":
-        return _driving_track(drive, layout, opts, work, device, log)
+        return _driving_track(drive, layout, opts, work, device, log, open_video(drive))[0]
     if opts.track:
         raise RetargetError("--drive-face picks a face to track; a --track file already holds one: drop one of them")
     import torch

@@ -27,9 +27,13 @@ def sample_inputs(tmp_path_factory):
     return drive, actor
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served(tiny_weights, tmp_path_factory):
-    """(url, demo): the app on 127.0.0.1, one per test session."""
+    """(url, demo): the app on 127.0.0.1, one per test module. The app keeps its models loaded
+    (a process-wide switch) and the presets folder comes from the environment: both are put back
+    at the end, so that no other test sees them."""
+    from retarget.run import keep_models_loaded
+
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     old = os.environ.get("RETARGET_PRESETS")
     os.environ["RETARGET_PRESETS"] = str(tmp_path_factory.mktemp("presets"))
@@ -44,6 +48,8 @@ def served(tiny_weights, tmp_path_factory):
                 show_error=True)
     yield f"http://127.0.0.1:{port}/", demo
     demo.close()
+    demo.retarget_app.sessions.close()
+    keep_models_loaded(False)
     if old is None:
         os.environ.pop("RETARGET_PRESETS", None)
     else:
