@@ -13,8 +13,8 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.run import (
-    RunOptions, RunSummary, WorkFolder, check_output_name, check_writable, pipe_paste, prepare_rendering,
-    read_image, render_to_work, write_video,
+    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, pipe_paste,
+    prepare_rendering, read_image, render_to_work, write_video,
 )
 
 
@@ -70,15 +70,20 @@ def storyboard_expressions(*, track: str | None = None, times: str | None = None
 
 def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
                     options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
-                    log=print) -> Path:
-    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`."""
+                    inputs=(), log=print) -> Path:
+    """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`.
+    inputs: other files the cells came from (track, keyframes): `out` may not be one of them."""
+    from render.files import check_not_input
     from render.storyboard import save_image, storyboard
+    from retarget.cliargs import check_options
     from retarget.weights import WeightsLayout
 
     opts = options or RunOptions()
+    check_options(opts)
     out, actor_path = Path(out), Path(actor_path)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
+    check_not_input(out, (actor_path, *inputs))
     check_writable(out.parent, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
     r = prepare_rendering(layout, actor_path, opts, log)
@@ -101,16 +106,21 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     from retarget.weights import WeightsLayout
     from tracking.keyframes import interpolate_keyframes, parse_keyframes
 
+    from retarget.cliargs import check_options
+
     t0 = time.perf_counter()
     opts = options or RunOptions()
+    check_options(opts)
     out, actor_path = Path(out), Path(actor_path)
     check_output_name(out)
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+    check_outputs(out, opts, work, (actor_path, keyframes))
+    replaced = out.exists()
     read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     kfs = parse_keyframes(keyframes)
     times, params = interpolate_keyframes(kfs, fps, easing=easing)
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
     r = prepare_rendering(layout, actor_path, opts, log)
     source = {"keyframes": str(keyframes), "fps": fps, "easing": easing}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
@@ -118,4 +128,4 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
-                      output=out, face_report=r.actor.face_report, params=params)
+                      output=out, face_report=r.actor.face_report, params=params, replaced=replaced)
