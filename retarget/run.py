@@ -459,7 +459,7 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
             out, fps, audio_from=audio[0] if audio else None,
             audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None))
         pwriter = stack.enter_context(VideoWriter(preview[0], fps)) if preview else None
-        bar = _progress(len(params), "writing")
+        bar = stack.enter_context(_progress(len(params), "writing"))  # closed (its line ended) on errors too
         for i in range(len(params)):
             face = work.load(i)
             frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
@@ -469,7 +469,6 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
             if pwriter:
                 pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
             bar.update(1)
-        bar.close()
 
 
 def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, flame) -> np.ndarray:
@@ -522,16 +521,15 @@ def _render_all(pipe, actor, params: np.ndarray, work: WorkFolder, batch: int, c
     done = n - sum(min(n, s + batch) - s for s in todo)
     if done:
         log(f"resuming: {done} of {n} frames already rendered")
-    bar = _progress(n, "rendering", initial=done)
     rendered = 0
-    for s in todo:
-        idx = list(range(s, min(n, s + batch)))
-        images = _render_with_backoff(pipe, actor, params, idx, call)
-        for i, img in zip(idx, images):
-            work.save_frame(i, img)
-        rendered += len(idx)
-        bar.update(len(idx))
-    bar.close()
+    with _progress(n, "rendering", initial=done) as bar:  # closed (its line ended) on errors too
+        for s in todo:
+            idx = list(range(s, min(n, s + batch)))
+            images = _render_with_backoff(pipe, actor, params, idx, call)
+            for i, img in zip(idx, images):
+                work.save_frame(i, img)
+            rendered += len(idx)
+            bar.update(len(idx))
     return rendered
 
 
