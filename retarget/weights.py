@@ -238,10 +238,14 @@ class WeightsLayout:
         missing = path
         if entry.is_dir:
             missing = next((self.file(name, m) for m in entry.files if not self.file(name, m).is_file()), path)
+        raise missing_error(entry, missing, self.looked_in(name))
+
+    def looked_in(self, name: str) -> list[str]:
+        """The other places tried for entry `name`, for messages about a missing file."""
         looked = [str(p) for p, _ in self.candidates(name)[1:]]
         if name in SD15_PARTS and not self.sd15 and not hf_sd15_snapshots():
             looked.append(f"no --sd15 DIR given and no SD 1.5 in the Hugging Face cache {hf_hub_cache()}")
-        raise missing_error(entry, missing, looked)
+        return looked
 
     def optional(self, name: str) -> Path | None:
         """The path of entry `name` if present, else None (for backends with an offline fallback)."""
@@ -502,6 +506,9 @@ def check_weights(layout: WeightsLayout) -> list[CheckRow]:
         if origin is None:
             missing = [m for m in entry.files if not layout.file(entry.name, m).is_file()]
             detail = "missing " + ", ".join(missing) if entry.is_dir and path.is_dir() else ""
+            looked = layout.looked_in(entry.name)
+            if looked:
+                detail += ("; " if detail else "") + "also looked in: " + "; ".join(looked)
             rows.append(CheckRow(entry, path, "missing", _size(path), detail))
             continue
         try:
