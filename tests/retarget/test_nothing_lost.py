@@ -281,3 +281,31 @@ def test_disk_full_mid_render_then_resume_gives_the_same_video(inputs, track_fil
     assert len(a) == len(b) == 10
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)  # same batch shapes on both runs: exact by design
+
+
+def test_more_bad_inputs_fail_before_any_model_loads(inputs, track_file, tiny_weights, tmp_path, monkeypatch, capsys):
+    """Input errors found before loading a model: each one `error:` line, exit 1, nothing written."""
+    from retarget import pipeline
+
+    def forbidden(*a, **kw):
+        raise AssertionError("models loaded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline.RetargetPipeline, "from_weights", classmethod(forbidden))
+    drive, actor = inputs
+    keys = tmp_path / "keys.json"
+    keys.write_text('[{"time": 0, "preset": "neutral"}]')
+    w = ["--weights", tiny_weights, *W]
+    cases = [
+        (["run", drive, actor, "-o", tmp_path / "out.avi", *w], "output", "use a .mp4, .mov or .mkv name"),
+        (["run", drive, actor, "-o", tmp_path / "o.mp4", "--track", track_file, "--start", "5", *w],
+         "empty time range: start 5.000s"),
+        (["run", drive, actor, "-o", tmp_path / "o.mp4", "--track", keys, *w], "keys.json is not a track file"),
+        (["storyboard", actor, "-o", tmp_path / "s.png", "--presets", "grin", *w], "--presets: unknown preset 'grin'"),
+        (["storyboard", actor, "-o", tmp_path / "s.gif", "--presets", "neutral", *w], "use a .png or .jpg name"),
+        (["transition", actor, '[{"time": -1}]', "-o", tmp_path / "t.mp4", *w], "time must be >= 0 seconds, got -1"),
+        (["run", drive, actor, "-o", tmp_path / "o.mp4", "--weights", tmp_path / "empty", *W],
+         "missing", "arc2face", "FoivosPar/Arc2Face", "licence"),
+    ]
+    for argv, *words in cases:
+        _refused(capsys, argv, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.json"]

@@ -115,3 +115,21 @@ def test_good_options_pass(no_work):
     check_options(RunOptions(start=0.5, end=2, fps=12, gain="jaw=1.2", guidance=0, ref_strength=0, batch=0))
     check_options(TrackOptions())
     check_options(TrackOptions(smoothing="one_euro", beta=0, detect_workers=-1, max_frames=1))
+
+
+def test_table_lists_every_case():
+    """docs/BAD_INPUTS.md (the README's table of bad inputs) shows each case above with its message,
+    and every test it names exists."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    doc = (repo / "docs" / "BAD_INPUTS.md").read_text()
+    for argv, words in BAD_OPTIONS + BAD_PLAIN:
+        row = next((line for line in doc.splitlines() if f"`retarget {' '.join(argv)}`" in line), None)
+        assert row is not None and words in row, argv
+    named = set(re.findall(r"\| (test_\w+)::(test_\w+) \|", doc))
+    assert len([line for line in doc.splitlines() if line.startswith("| `") or line.startswith("| disk")]) >= 30
+    for module, test in named:
+        source = (repo / "tests" / "retarget" / f"{module}.py").read_text()
+        assert f"def {test}(" in source, (module, test)
