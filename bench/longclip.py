@@ -76,8 +76,8 @@ def child(spec: dict) -> dict:
     drive, actor, out = Path(spec["drive"]), Path(spec["actor"]), Path(spec["out"])
     opts = RunOptions(steps=spec["steps"], batch=spec["batch"], device=spec["device"], keep_work=True)
     reader = open_video(drive)
-    est = estimate_run_bytes(expected_frames(reader, opts), crop_size=512, out_size=output_size(read_image(actor), opts),
-                             work=out.parent / f".{out.name}.work", out=out)
+    est = estimate_run_bytes(expected_frames(reader, opts), crop_size=512,
+                             out_size=output_size(read_image(actor), opts), work=out.parent / f".{out.name}.work", out=out)
     t0 = time.perf_counter()
     summary = run(drive, actor, out, opts, weights=spec["weights"], log=lambda *_: None)
     seconds = time.perf_counter() - t0
@@ -138,6 +138,20 @@ def main() -> int:
     actor = root / "actor.png"
     save_image(actor, sample_actor())
     rows = []
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(args.device)
+    name = f"longclip_{args.device}_{env['date']}{'_tiny' if args.tiny else ''}.json"
+
+    def save() -> None:  # after every length, so a run cut short still leaves what it measured
+        peaks = [r["peak_rss_mb"] for r in rows]
+        growth = (peaks[-1] - peaks[0]) / max(1, rows[-1]["frames"] - rows[0]["frames"]) * 1024
+        result = dict(environment=env, config=dict(minutes=minutes, fps=args.fps, steps=args.steps, batch=args.batch,
+                                                   weights="tiny random" if not args.weights else args.weights,
+                                                   resolution="1920x1080"),
+                      rows=rows, peak_rss_growth_kb_per_frame=round(growth, 2))
+        (out_dir / name).write_text(json.dumps(result, indent=1))
+
     try:
         for m in minutes:
             t0 = time.perf_counter()
@@ -156,6 +170,7 @@ def main() -> int:
                        clip_seconds_to_make=round(made, 1), **json.loads(line[len("RESULT "):]))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            save()
             drive.unlink()
             shutil.rmtree(root / f".out_{m:g}min.mp4.work", ignore_errors=True)
             (root / f"out_{m:g}min.mp4").unlink(missing_ok=True)
@@ -174,15 +189,6 @@ def main() -> int:
     print(f"peak RSS from the shortest to the longest clip: {peaks[0]} -> {peaks[-1]} MB "
           f"({growth:.1f} KB per extra frame); free-space check: {format_bytes(shutil.disk_usage(root.parent).free)} "
           "free where the clips went")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment(args.device)
-    name = f"longclip_{args.device}_{env['date']}{'_tiny' if args.tiny else ''}.json"
-    result = dict(environment=env, config=dict(minutes=minutes, fps=args.fps, steps=args.steps, batch=args.batch,
-                                               weights="tiny random" if not args.weights else args.weights,
-                                               resolution="1920x1080"),
-                  rows=rows, peak_rss_growth_kb_per_frame=round(growth, 2))
-    (out_dir / name).write_text(json.dumps(result, indent=1))
     print(f"wrote {out_dir / name}")
     return 0
 

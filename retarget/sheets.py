@@ -13,9 +13,10 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.run import (
-    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, pipe_paste,
+    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, output_size, pipe_paste,
     prepare_rendering, read_image, render_to_work, write_video,
 )
+from retarget.diskspace import check_free_space, estimate_run_bytes
 
 
 def _parse_list(spec: str | None, kind, what: str) -> list:
@@ -116,10 +117,13 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
     check_outputs(out, opts, work, (actor_path, keyframes))
     replaced = out.exists()
-    read_image(actor_path, "actor photo")
+    actor_rgb = read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     kfs = parse_keyframes(keyframes)
     times, params = interpolate_keyframes(kfs, fps, easing=easing)
+    frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
+    check_free_space(estimate_run_bytes(len(params), crop_size=512, out_size=output_size(actor_rgb, opts),
+                                        work=work.root, out=out, frames_dir=frames_dir), str(out))
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
     r = prepare_rendering(layout, actor_path, opts, log)
     source = {"keyframes": str(keyframes), "fps": fps, "easing": easing}
