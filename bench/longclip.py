@@ -8,9 +8,10 @@ Input: a generated 1920x1080 H.264 clip with AAC audio, the sample driving perfo
 (skimage's astronaut: a real face, mirrored, turning, mouth opening) 360 px tall drifting
 across a grey gradient. Each length is rendered end to end (track, identity, render, paste
 back, write with audio) by `retarget.run.run` in its own child process, so that its peak
-resident set size (`ru_maxrss` of the child and of any worker it starts) is its own. The work
-folder is kept and measured (`du`), then deleted. Alongside: the free-space estimate the run
-checked before starting (`retarget.diskspace`), and the output file's size.
+resident set size (VmHWM: the child's own high-water mark since exec; workers' ru_maxrss
+apart) is its own. The work folder is kept and measured (`du`), then deleted. Alongside: the
+free-space estimate the run checked before starting (`retarget.diskspace`), and the output
+file's size.
 
 The claim tested: peak host memory is flat in the clip's length (frames stream from the
 decoder to the work folder and from it to the encoder; only the (T, 55) parameters grow with T).
@@ -82,10 +83,12 @@ def child(spec: dict) -> dict:
     summary = run(drive, actor, out, opts, weights=spec["weights"], log=lambda *_: None)
     seconds = time.perf_counter() - t0
     work = out.parent / f".{out.name}.work"
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux folds the pre-exec (forked, i.e. the parent's) peak into a
+    # child's ru_maxrss, which made the first version of this script report the parent's growth.
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # worker processes, if any started
     return dict(frames=summary.frames, seconds=round(seconds, 1), frames_per_s=round(summary.frames / seconds, 2),
-                peak_rss_mb=round(max(self_kb, kids_kb) / 1024, 1), peak_rss_self_mb=round(self_kb / 1024, 1),
+                peak_rss_mb=round(hwm_kb / 1024, 1), workers_peak_rss_mb=round(kids_kb / 1024, 1),
                 work_folder_mb=round(_du(work) / 2**20, 1), output_mb=round(out.stat().st_size / 2**20, 2),
                 estimated_need_mb=round(sum(est.values()) / 2**20, 1),
                 invalid_frames=summary.invalid_frames)
