@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+VENV=${VENV:-.venv}   # CI's second pass installs the lowest allowed versions into .venv-floor
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
-.venv/bin/python -m pip install -q $TORCH_SPEC
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -c "import retarget, torch; print('retarget', retarget.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+"$VENV/bin/python" -m pip install -q $TORCH_SPEC
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install -q -e ".[test]" ${PIP_EXTRA:-}
+"$VENV/bin/python" -c "import retarget, torch; print('retarget', retarget.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

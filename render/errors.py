@@ -13,3 +13,7 @@ class RetargetError(Exception):
     for this type. Raise it with a message that names the file or option at fault and,
     where possible, what to do about it.
     """
+
+
+class DiskFullError(RetargetError):
+    """The disk filled up while a file was being written (the partial file is already removed)."""

@@ -31,14 +31,17 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _add_weights_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="DIR", default=None,
                    help="weights folder (default: $RETARGET_WEIGHTS, else ~/.cache/retarget/weights)")
+    p.add_argument("--sd15", metavar="DIR", default=None,
+                   help="a Stable Diffusion 1.5 folder for vae/, scheduler/, tokenizer/ when the weights folder lacks "
+                        "them (default: $RETARGET_SD15, else the local Hugging Face cache when it holds SD 1.5)")
 
 
 # --------------------------------------------------------------------------- weights
 
 def cmd_weights_check(args) -> int:
-    from retarget.weights import WeightsLayout, check_weights, format_check_table, ready_for_run
+    from retarget.weights import check_weights, format_check_table, layout_from_args, ready_for_run
 
-    layout = WeightsLayout(args.weights)
+    layout = layout_from_args(args)
     rows = check_weights(layout)
     print(format_check_table(rows, layout.root))
     ok = ready_for_run(rows)
@@ -47,9 +50,9 @@ def cmd_weights_check(args) -> int:
 
 
 def cmd_weights_download(args) -> int:
-    from retarget.weights import WeightsLayout, download_weights
+    from retarget.weights import download_weights, layout_from_args
 
-    layout = WeightsLayout(args.weights)
+    layout = layout_from_args(args)
     gated = download_weights(layout, include_fast=not args.no_lcm)
     if gated:
         print("\nThese files are gated or hosted elsewhere; fetch them by hand:")
@@ -137,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = os.environ.get("RETARGET_DEBUG") == "1"
+    from retarget.cliargs import check_parsed
+
+    try:  # every option value, before any video is read or model loaded
+        check_parsed(args)
+    except RetargetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except RetargetError as e:

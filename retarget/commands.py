@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from render.errors import RetargetError
-from retarget.cliargs import add_dataclass_options, dataclass_from_args
+from render.files import check_not_input
+from retarget.cliargs import add_dataclass_options, dataclass_from_args, number
 
 
 # --------------------------------------------------------------------------- run
@@ -14,14 +15,16 @@ def cmd_run(args) -> int:
     from retarget.retake import RetakeOptions, is_video_actor, retake
     from retarget.run import RunOptions, run
     from retarget.scale.options import ray_options_from_args
+    from retarget.weights import layout_from_args
 
     opts = dataclass_from_args(RunOptions, args)
+    layout = layout_from_args(args)
     ray_opts = ray_options_from_args(args)
     if is_video_actor(args.actor):
         if ray_opts is not None:
             raise RetargetError("--ray: an actor video is rendered in one process for now; drop --ray")
         summary = retake(args.drive, args.actor, args.output, opts, dataclass_from_args(RetakeOptions, args),
-                         weights=args.weights)
+                         weights=layout)
     else:
         import dataclasses
 
@@ -32,9 +35,9 @@ def cmd_run(args) -> int:
         if ray_opts is not None:
             from retarget.scale.pool import run_on_ray
 
-            summary = run_on_ray(args.drive, args.actor, args.output, opts, ray_opts, weights=args.weights)
+            summary = run_on_ray(args.drive, args.actor, args.output, opts, ray_opts, weights=layout)
         else:
-            summary = run(args.drive, args.actor, args.output, opts, weights=args.weights)
+            summary = run(args.drive, args.actor, args.output, opts, weights=layout)
     print(summary.line())
     if args.eval:
         from retarget.evaluate.cli import eval_after_run
@@ -62,29 +65,35 @@ def cmd_batch(args) -> int:
 # --------------------------------------------------------------------------- track
 
 def cmd_track(args) -> int:
-    from retarget.weights import WeightsLayout
+    from retarget.weights import layout_from_args
     from tracking.tracker import TrackOptions, summarize, track_video
 
     src = Path(args.input)
     out = Path(args.output) if args.output else src.with_name(src.stem + ".track.npz")
     if out.suffix != ".npz":
         raise RetargetError(f"track file {out}: use a .npz name")
-    layout = WeightsLayout(args.weights)
+    csv = (Path(args.csv) if args.csv else out.with_suffix(".csv")) if args.csv is not None else None
+    plot = (Path(args.plot) if args.plot else out.with_suffix(".png")) if args.plot is not None else None
+    for option, path in (("-o", out), ("--csv", csv), ("--plot", plot)):
+        if path is not None:
+            check_not_input(path, (src,), option=option)
+    replaced = [str(p) for p in (out, csv, plot) if p is not None and p.exists()]
+    layout = layout_from_args(args)
     opts = dataclass_from_args(TrackOptions, args)
     track = track_video(src, smirk_path=layout.require("smirk_ckpt"),
                         landmarker_path=layout.optional("face_landmarker"), options=opts)
     track.save(out)
     written = [str(out)]
-    if args.csv is not None:
+    if csv is not None:
         from tracking.export import write_csv
 
-        written.append(str(write_csv(track, args.csv or out.with_suffix(".csv"), which=args.csv_columns)))
-    if args.plot is not None:
+        written.append(str(write_csv(track, csv, which=args.csv_columns)))
+    if plot is not None:
         from tracking.export import plot_track
 
-        written.append(str(plot_track(track, args.plot or out.with_suffix(".png"))))
+        written.append(str(plot_track(track, plot)))
     print(summarize(track))
-    print("wrote " + ", ".join(written))
+    print("wrote " + ", ".join(written) + (f" (replaced the existing {', '.join(replaced)})" if replaced else ""))
     return 0
 
 
@@ -97,6 +106,7 @@ DRIVING_ONLY = ("track", "smooth", "start", "end", "fps", "relative", "neutral_f
 def cmd_storyboard(args) -> int:
     from retarget.run import RunOptions
     from retarget.sheets import make_storyboard, storyboard_expressions
+    from retarget.weights import layout_from_args
 
     if args.script:
         from retarget.storyboard_script import load_script, render_script
@@ -104,26 +114,29 @@ def cmd_storyboard(args) -> int:
         if any(getattr(args, k) for k in ("presets", "keyframes", "track", "times", "frames")):
             raise RetargetError("--script lists the panels itself: leave out --presets/--keyframes/--track/--times/--frames")
         opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
-        result = render_script(args.actor, load_script(args.script), args.output, opts, weights=args.weights,
+        result = render_script(args.actor, load_script(args.script), args.output, opts, weights=layout_from_args(args),
                                columns=args.columns, cell=args.cell)
         print(result.line())
         return 0
+    check_not_input(args.output, (args.actor, args.track, args.keyframes))  # before reading any of them
     cells = storyboard_expressions(track=args.track, times=args.times, frames=args.frames,
                                    keyframes=args.keyframes, presets=args.presets)
     opts = dataclass_from_args(RunOptions, args, paste_back=args.paste_back)
-    path = make_storyboard(args.actor, args.output, cells, opts, weights=args.weights, columns=args.columns,
-                           cell=args.cell)
-    print(f"wrote {path} ({len(cells)} expressions)")
+    replaced = Path(args.output).exists()
+    path = make_storyboard(args.actor, args.output, cells, opts, weights=layout_from_args(args), columns=args.columns,
+                           cell=args.cell, inputs=(args.track, args.keyframes))
+    print(f"wrote {path} ({len(cells)} expressions)" + (" (replaced the existing file)" if replaced else ""))
     return 0
 
 
 def cmd_transition(args) -> int:
     from retarget.run import RunOptions
     from retarget.sheets import make_transition
+    from retarget.weights import layout_from_args
 
     opts = dataclass_from_args(RunOptions, args)
     summary = make_transition(args.actor, args.keyframes, args.output, opts, fps=args.fps, easing=args.easing,
-                              weights=args.weights)
+                              weights=layout_from_args(args))
     from retarget.transitions import transition_track_path
 
     print(summary.line())
@@ -141,7 +154,14 @@ def cmd_demo(args) -> int:
     from retarget.tiny import is_tiny, write_tiny_weights
 
     out_dir = Path(args.out)
+    marker = out_dir / ".retarget-demo"  # the demo replaces its own sample files, never a user's
+    mine = ("drive.mp4", "actor.png", "out.mp4", "out.preview.mp4")
+    theirs = [n for n in mine if (out_dir / n).exists()] if not marker.exists() else []
+    if theirs:
+        raise RetargetError(f"--out {out_dir} already holds {', '.join(theirs)} not written by the demo: "
+                            "choose another folder (the demo writes its sample inputs there)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     weights = Path(args.weights) if args.weights else out_dir / "tiny-weights"
     if not args.weights and not is_tiny(weights):
         print(f"writing tiny random weights to {weights}")
@@ -303,8 +323,8 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--track", default=None, metavar="NPZ", help="a track file to pick frames from")
     p.add_argument("--times", default=None, help="seconds of the track to show, e.g. 0.5,1.2")
     p.add_argument("--frames", default=None, help="frame indices of the track to show, e.g. 10,40")
-    p.add_argument("--columns", type=int, default=4, help="cells per row (default: 4)")
-    p.add_argument("--cell", type=int, default=256, help="cell size in pixels (default: 256)")
+    p.add_argument("--columns", type=number(int, min=1), default=4, help="cells per row (default: 4)")
+    p.add_argument("--cell", type=number(int, min=16), default=256, help="cell size in pixels (default: 256)")
     p.add_argument("--paste-back", action="store_true", help="show the whole photo instead of the aligned face")
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY + ("paste_back", "frames_dir", "resume", "work",
@@ -326,7 +346,7 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("actor", help="photo of the actor")
     p.add_argument("keyframes", help="keyframe file (JSON or YAML) or JSON text")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
-    p.add_argument("--fps", type=float, default=25.0, help="frame rate (default: 25)")
+    p.add_argument("--fps", type=number(float, above=0), default=25.0, help="frame rate (default: 25)")
     p.add_argument("--easing", default="smoothstep", choices=EASINGS, help="interpolation (default: smoothstep)")
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY)
@@ -362,8 +382,8 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--out", default="retarget-demo", help="folder for inputs and outputs (default: retarget-demo)")
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="use this weights folder instead of tiny random weights")
-    p.add_argument("--seconds", type=float, default=2.0, help="length of the sample driving clip (default: 2)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4, enough for tiny weights)")
+    p.add_argument("--seconds", type=number(float, above=0), default=2.0, help="length of the sample driving clip (default: 2)")
+    p.add_argument("--steps", type=number(int, min=1), default=4, help="denoising steps (default: 4, enough for tiny weights)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.set_defaults(func=cmd_demo)
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from render.errors import RetargetError
+from retarget.diskspace import check_free_space, estimate_run_bytes
 
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
@@ -31,11 +32,11 @@ TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it reco
 class RunOptions:
     """Everything a user can set for `retarget run` (the CLI is generated from these fields)."""
 
-    steps: int = field(default=25, metadata={"help": "denoising steps (LCM --fast: 4)"})
-    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (LCM --fast: 1.0)"})
-    exp_scale: float = field(default=1.0, metadata={"help": "Expression Adapter scale: how strongly the expression is followed"})
-    ref_strength: float = field(default=0.8, metadata={"help": "Reference Adapter strength: 0 off, higher copies the photo more"})
-    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same video"})
+    steps: int = field(default=25, metadata={"help": "denoising steps (LCM --fast: 4)", "min": 1})
+    guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale (LCM --fast: 1.0)", "min": 0})
+    exp_scale: float = field(default=1.0, metadata={"help": "Expression Adapter scale: how strongly the expression is followed", "min": 0})
+    ref_strength: float = field(default=0.8, metadata={"help": "Reference Adapter strength: 0 off, higher copies the photo more", "min": 0})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same video", "min": 0, "max": 2**63 - 1})
     fast: bool = field(default=False, metadata={"help": "LCM-LoRA fast mode: 4 steps, guidance 1.0 (needs lcm_lora/)"})
     per_frame_noise: bool = field(default=False, metadata={"help": "draw new noise for every frame (default: one noise for all frames, steadier video)"})
     ref_latent: Literal["sample", "mode"] = field(default="sample", metadata={"help": "reference latent: a seeded sample (as the release) or the distribution's mode"})
@@ -43,19 +44,33 @@ class RunOptions:
     smooth: Literal["zero_phase", "one_euro", "none"] = field(default="zero_phase", metadata={"help": "temporal smoothing of the tracked expressions"})
     start: float | None = field(default=None, metadata={"help": "first second of the driving video to use", "metavar": "SEC"})
     end: float | None = field(default=None, metadata={"help": "last second (exclusive) of the driving video to use", "metavar": "SEC"})
-    fps: float | None = field(default=None, metadata={"help": "output frame rate (default: the driving video's)"})
+    fps: float | None = field(default=None, metadata={"help": "output frame rate (default: the driving video's)", "above": 0})
     relative: bool = field(default=False, metadata={"help": "transfer the driver's change from neutral onto the actor's own expression"})
-    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: the least expressive of the range)", "metavar": "N"})
+    neutral_frame: int | None = field(default=None, metadata={"help": "driver frame index used as neutral with --relative (default: the least expressive of the range)", "metavar": "N", "min": 0})
     gain: str | None = field(default=None, metadata={"help": "per-part gains, e.g. jaw=1.2,eyelids=0.8,expression=1.0", "metavar": "SPEC"})
     paste_back: bool = field(default=True, metadata={"help": "paste the face back into the full actor photo", "negative": "--crop-only", "negative_help": "write the aligned 512x512 face crops instead"})
     preview: Literal["none", "side-by-side"] = field(default="none", metadata={"help": "also write OUT.preview.mp4: driving | output (| FLAME mesh)"})
     frames_dir: str | None = field(default=None, metadata={"help": "also keep every output frame as PNG in this folder", "metavar": "DIR"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its work folder"})
     work: str | None = field(default=None, metadata={"help": "work folder for frames (default: .OUT.work beside the output)", "metavar": "DIR"})
-    batch: int = field(default=0, metadata={"help": "frames per batch (0: automatic from free GPU memory; halves on out-of-memory)"})
+    batch: int = field(default=0, metadata={"help": "frames per batch (0: automatic from free GPU memory; halves on out-of-memory)", "min": 0})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "where to run the models"})
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(default="auto", metadata={"help": "model precision (auto: fp16 on GPU, fp32 on CPU)"})
     keep_work: bool = field(default=False, metadata={"help": "keep the work folder after a successful run"})
+
+    def validate(self) -> None:
+        """Rules across fields (per-field ones are in the metadata; `retarget.cliargs.check_options`)."""
+        from retarget.motion import parse_gain
+
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise RetargetError(f"--{name}: must be a finite number of seconds >= 0, got {value}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise RetargetError(f"--end {self.end:g} must be after --start {self.start:g}")
+        parse_gain(self.gain)
+        if self.device == "cpu" and self.dtype == "fp16":
+            raise RetargetError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
 
 
 @dataclass
@@ -72,10 +87,12 @@ class RunSummary:
     face_report: str = ""
     params: np.ndarray | None = None  # (frames, 55) vectors that were rendered
     tracked: int | None = None  # driving frames tracked now (0: a track file or the cached track); None: no driving video
+    replaced: bool = False  # `output` existed before (it was not an input: that is refused)
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
-        extra = f", preview {self.preview}" if self.preview else ""
+        extra = " (replaced the existing file)" if self.replaced else ""
+        extra += f", preview {self.preview}" if self.preview else ""
         extra += f", frames in {self.frames_dir}" if self.frames_dir else ""
         tracked = "" if self.tracked is None else f", {self.tracked} driving frames tracked"
         return (f"done: {self.frames} frames ({self.rendered} rendered now{tracked}) in {self.seconds:.1f}s "
@@ -137,6 +154,22 @@ class WorkFolder:
         self.root = root
         self.frames = root / "frames"
 
+    OWN = (MANIFEST, "frames", "drive.track.npz")  # what this class writes into its root
+
+    def check_replaceable(self) -> None:
+        """RetargetError when the root exists and holds anything this class did not write:
+        starting over deletes the root, and `--work` may name a folder of the user's."""
+        if self.root.is_file():
+            raise RetargetError(f"--work {self.root} is a file, not a folder")
+        if not self.root.is_dir():
+            return
+        foreign = sorted(p.name for p in self.root.iterdir()
+                         if p.name not in self.OWN and ".partial-" not in p.name)
+        if foreign:
+            raise RetargetError(f"--work {self.root} holds files that are not a retarget work folder's "
+                                f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); starting over "
+                                "would delete them: choose a new or empty folder")
+
     def start(self, manifest: dict, resume: bool) -> None:
         path = self.root / MANIFEST
         if resume and path.is_file():
@@ -170,6 +203,16 @@ class WorkFolder:
         from render.storyboard import save_image
 
         save_image(self.frame_path(i), rgb)
+
+    def save_frame(self, i: int, rgb: np.ndarray) -> None:
+        """Frame i written atomically: a full disk leaves the frames before it intact."""
+        from render.errors import DiskFullError
+
+        try:
+            self.save(i, rgb)
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; the frames rendered so far are kept in {self.root}: "
+                                "run again with --resume to render only the missing ones") from None
 
     def load(self, i: int) -> np.ndarray:
         return read_image(self.frame_path(i), "rendered frame")
@@ -319,13 +362,19 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
 
     if is_video_actor(actor_path):  # an actor video: per-frame references (retarget/retake.py)
         return retake(drive, actor_path, out, options, weights=weights, log=log)
+    from retarget.cliargs import check_options
+
     opts = options or RunOptions()
+    check_options(opts)
     t0 = time.perf_counter()
     drive, actor_path, out = Path(drive), Path(actor_path), Path(out)
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
 
     # 1. inputs first: a bad path must fail before minutes of model loading.
     check_output_name(out)
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+    check_outputs(out, opts, work, (drive, actor_path, opts.track))
+    replaced = out.exists()
     if not drive.exists():
         raise RetargetError(f"driving video {drive} does not exist")
     reader = open_video(drive)
@@ -336,7 +385,9 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     for name in RENDER_WEIGHTS + (("smirk_ckpt",) if needs_smirk else ()) + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
     device, _ = resolve_device(opts.device, opts.dtype)
-    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+    check_free_space(estimate_run_bytes(
+        expected_frames(reader, opts), crop_size=512, out_size=output_size(actor_rgb, opts), work=work.root, out=out,
+        preview=opts.preview != "none", frames_dir=Path(opts.frames_dir) if opts.frames_dir else None), str(out))
 
     # 2. the driving performance, and (relative mode) the actor's own resting expression.
     track, tracked = _driving_track(drive, layout, opts, work, device, log, reader)
@@ -357,7 +408,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     preview = None
     if opts.preview != "none":
-        preview = (out.with_name(out.stem + ".preview" + out.suffix),
+        preview = (preview_path(out),
                    _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
                    _load_flame(layout))
     write_video(r, params, work, out, out_fps, opts,
@@ -369,12 +420,49 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
-                      face_report=r.actor.face_report, params=params, tracked=tracked)
+                      face_report=r.actor.face_report, params=params, tracked=tracked, replaced=replaced)
 
 
 def check_output_name(out: Path) -> None:
     if out.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise RetargetError(f"output {out}: use a .mp4, .mov or .mkv name")
+
+
+def preview_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".preview" + out.suffix)
+
+
+def check_outputs(out: Path, opts: RunOptions, work: "WorkFolder", inputs) -> None:
+    """RetargetError, before anything is read or written, when any file or folder this job
+    writes (-o, its preview, --frames-dir and the frames it would hold, the work folder) is
+    one of `inputs` (render.files.check_not_input)."""
+    from render.files import check_not_input
+
+    check_not_input(out, inputs, option="-o")
+    if opts.preview != "none":
+        check_not_input(preview_path(out), inputs, option="--preview")
+    if opts.frames_dir:
+        frames_dir = Path(opts.frames_dir)
+        check_not_input(frames_dir, inputs, option="--frames-dir")
+        for p in frames_dir.glob("[0-9]*.png") if frames_dir.is_dir() else ():
+            check_not_input(p, inputs, option="--frames-dir")
+    check_not_input(work.root, inputs, option="--work")
+    check_not_input(work.root / "drive.track.npz", inputs, option="--work")
+    work.check_replaceable()
+
+
+def expected_frames(reader, opts: RunOptions) -> int:
+    """Output frames the job will write, from the container's header (before tracking)."""
+    duration = reader.duration_s or reader.frame_count / max(reader.fps, 1e-6)
+    start = opts.start or 0.0
+    end = min(opts.end, duration) if opts.end is not None else duration
+    fps = opts.fps or reader.fps
+    return max(1, int(np.ceil(max(0.0, end - start) * fps)))
+
+
+def output_size(actor_rgb: np.ndarray, opts: RunOptions) -> tuple[int, int]:
+    """(w, h) of the written frames: the actor photo when pasting back, else the 512 px crop."""
+    return (actor_rgb.shape[1], actor_rgb.shape[0]) if opts.paste_back else (512, 512)
 
 
 def track_still(image_path: Path, layout, device: str) -> np.ndarray:
@@ -422,7 +510,7 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
             out, fps, audio_from=audio[0] if audio else None,
             audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None))
         pwriter = stack.enter_context(VideoWriter(preview[0], fps)) if preview else None
-        bar = _progress(len(params), "writing")
+        bar = stack.enter_context(_progress(len(params), "writing"))  # closed (its line ended) on errors too
         for i in range(len(params)):
             face = work.load(i)
             frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
@@ -432,7 +520,6 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
             if pwriter:
                 pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
             bar.update(1)
-        bar.close()
 
 
 def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, flame) -> np.ndarray:
@@ -529,14 +616,13 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
     done = n - sum(min(n, s + batch) - s for s in todo)
     if done:
         log(f"resuming: {done} of {n} frames already rendered")
-    bar = _progress(n, "rendering", initial=done)
     rendered = 0
-    for idx, images in r.render([list(range(s, min(n, s + batch))) for s in todo], params):
-        for i, img in zip(idx, images):
-            work.save(i, img)
-        rendered += len(idx)
-        bar.update(len(idx))
-    bar.close()
+    with _progress(n, "rendering", initial=done) as bar:  # closed (its line ended) on errors too
+        for idx, images in r.render([list(range(s, min(n, s + batch))) for s in todo], params):
+            for i, img in zip(idx, images):
+                work.save_frame(i, img)
+            rendered += len(idx)
+            bar.update(len(idx))
     return rendered
 
 

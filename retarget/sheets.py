@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from render.errors import RetargetError
+from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.run import (
-    RunOptions, RunSummary, WorkFolder, check_output_name, check_writable, pipe_paste, prepare_rendering,
-    read_image, render_to_work, write_video,
+    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, output_size, pipe_paste,
+    prepare_rendering, read_image, render_to_work, write_video,
 )
 
 
@@ -94,15 +95,20 @@ def render_expressions(actor_path: str | os.PathLike, params: np.ndarray, option
 
 def make_storyboard(actor_path: str | os.PathLike, out: str | os.PathLike, cells: list[tuple[str, np.ndarray]],
                     options: RunOptions | None = None, *, weights=None, columns: int = 4, cell: int = 256,
-                    log=print, prepare=None) -> Path:
+                    inputs=(), log=print, prepare=None) -> Path:
     """Render the actor with each cell's expression and save one labelled sheet (PNG/JPEG) at `out`.
+    inputs: other files the cells came from (track, keyframes): `out` may not be one of them.
     prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
+    from render.files import check_not_input
     from render.storyboard import save_image, storyboard
+    from retarget.cliargs import check_options
 
     opts = options or RunOptions()
+    check_options(opts)
     out, actor_path = Path(out), Path(actor_path)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise RetargetError(f"storyboard {out}: use a .png or .jpg name")
+    check_not_input(out, (actor_path, *inputs))
     check_writable(out.parent, "output folder")
     images = render_expressions(actor_path, np.stack([c[1] for c in cells]), opts, weights=weights, log=log,
                                 prepare=prepare)
@@ -123,24 +129,28 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     from retarget.transitions import (
         describe_keys, load_keys, resolve_keys, transition_track, transition_track_path,
     )
+    from render.files import check_not_input
+    from retarget.cliargs import check_options
     from retarget.weights import WeightsLayout
     from tracking.keyframes import EASINGS, interpolate_keyframes
 
     t0 = time.perf_counter()
     opts = options or RunOptions()
+    check_options(opts)
     out, actor_path = Path(out), Path(actor_path)
     check_output_name(out)
     if easing not in EASINGS:
         raise RetargetError(f"--easing {easing!r}: choose one of {', '.join(EASINGS)}")
-    read_image(actor_path, "actor photo")
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
     keyfile = load_keys(keyframes)
     sources = [k.source for k in keyfile.keys]
     check_sources(sources)
     track_path = transition_track_path(out)
-    inputs = {p.resolve() for p in [actor_path, *input_paths(sources)] + ([keyfile.path] if keyfile.path else [])}
-    for written in (out, track_path):
-        if written.resolve() in inputs:
-            raise RetargetError(f"-o {out}: {written} is an input; choose another output name")
+    inputs = [actor_path, *input_paths(sources)] + ([keyfile.path] if keyfile.path else [])
+    check_outputs(out, opts, work, inputs)
+    check_not_input(track_path, inputs, option="-o (its track file)")
+    replaced = out.exists()
+    actor_rgb = read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
     for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()) + (
@@ -149,8 +159,10 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     log(describe_keys(keyfile))
     kfs = resolve_keys(keyfile, layout=layout, device=opts.device, log=log)
     times, params = interpolate_keyframes(kfs, fps, easing=easing)
-    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
-    r = (prepare or prepare_rendering)(layout, actor_path, opts, log)
+    frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
+    check_free_space(estimate_run_bytes(len(params), crop_size=512, out_size=output_size(actor_rgb, opts),
+                                        work=work.root, out=out, frames_dir=frames_dir), str(out))
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb)
     source = {"keyframes": keyfile.sha256[:16], "fps": fps, "easing": easing}
     rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     write_video(r, params, work, out, fps, opts)
@@ -158,4 +170,4 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
-                      output=out, face_report=r.actor.face_report, params=params)
+                      output=out, face_report=r.actor.face_report, params=params, replaced=replaced)

@@ -129,59 +129,138 @@ def _where(entry: WeightFile) -> str:
     return entry.how or entry.source
 
 
-class WeightsLayout:
-    """Paths of the release files under one root folder.
+SD15_ENV_VAR = "RETARGET_SD15"
+# Hugging Face cache folders that hold SD 1.5 (the release's code loads it by repo id, so users of
+# the release have it there); the second is the repo's former name.
+HF_CACHE_REPOS = ("models--stable-diffusion-v1-5--stable-diffusion-v1-5", "models--runwayml--stable-diffusion-v1-5")
+SD15_PARTS = ("vae", "scheduler", "tokenizer")
 
-    Attribute access (`layout.exp_adapter`) gives the expected path whether or not it exists;
-    `require(name)` also checks that it is there and raises `WeightsError` otherwise.
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def hf_sd15_snapshots() -> list[Path]:
+    """Snapshot folders of SD 1.5 in the local Hugging Face cache, the one refs/main names first."""
+    found = []
+    for repo in HF_CACHE_REPOS:
+        base = hf_hub_cache() / repo
+        snaps = base / "snapshots"
+        if not snaps.is_dir():
+            continue
+        main = base / "refs" / "main"
+        head = main.read_text().strip() if main.is_file() else ""
+        others = sorted((p for p in snaps.iterdir() if p.is_dir() and p.name != head),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        found += ([snaps / head] if head and (snaps / head).is_dir() else []) + others
+    return found
+
+
+class WeightsLayout:
+    """Paths of the release files: under one root folder, or where the release itself keeps them.
+
+    Attribute access (`layout.exp_adapter`) gives the path where the file was found, or its
+    place in the layout when it is nowhere; `require(name)` also checks that it is there and
+    raises `WeightsError` otherwise; `origin(name)` says where it was found. Besides
+    `root/<release path>`: `arcface.onnx` may sit in `root/antelopev2/` (as the release's
+    README puts it); the SD 1.5 parts (vae/, scheduler/, tokenizer/) may come from `sd15`
+    (`--sd15 DIR`, else $RETARGET_SD15: a diffusers SD 1.5 folder) or from the local Hugging
+    Face cache. A root holding a `models/` folder (the release repository) uses that folder.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
-        self.root = resolve_weights_dir(root)
+    def __init__(self, root: str | os.PathLike | None = None, *, sd15: str | os.PathLike | None = None):
+        root = resolve_weights_dir(root)
+        if not (root / "arc2face").exists() and (root / "models" / "arc2face").is_dir():
+            root = root / "models"
+        self.root = root
+        sd15 = sd15 or os.environ.get(SD15_ENV_VAR)
+        self.sd15 = Path(sd15).expanduser() if sd15 else None
+
+    def candidates(self, name: str) -> list[tuple[Path, str]]:
+        """(path, where) in the order they are tried for entry `name`."""
+        entry = BY_NAME[name]
+        out = [(self.root / entry.path, "weights folder")]
+        if name == "arcface_onnx":
+            out.append((self.root / "antelopev2" / "arcface.onnx", "weights folder, antelopev2/"))
+        if name in SD15_PARTS:
+            if self.sd15 is not None:
+                out.append((self.sd15 / entry.path, "--sd15"))
+            out += [(snap / entry.path, "Hugging Face cache") for snap in hf_sd15_snapshots()]
+        return out
+
+    def _complete(self, name: str, path: Path) -> bool:
+        entry = BY_NAME[name]
+        if not entry.is_dir:
+            return path.is_file()
+        return all(any((path / opt).is_file() for opt in m.split("|")) for m in entry.files)
+
+    def locate(self, name: str) -> tuple[Path, str | None]:
+        """(path, where it was found) for entry `name`; (its place under root, None) when absent."""
+        cands = self.candidates(name)
+        for path, where in cands:
+            if self._complete(name, path):
+                return path, where
+        return cands[0][0], None
+
+    def origin(self, name: str) -> str | None:
+        """Where entry `name` was found ("weights folder", "--sd15", "Hugging Face cache", ...), or None."""
+        return self.locate(name)[1]
 
     def __getattr__(self, name: str) -> Path:
-        entry = BY_NAME.get(name)
-        if entry is None:
+        if name not in BY_NAME:
             raise AttributeError(name)
-        return self.root / entry.path
+        return self.locate(name)[0]
 
     def file(self, name: str, member: str) -> Path:
         """Path of `member` inside folder entry `name`, picking the first alternative that exists."""
+        base = self.locate(name)[0]
         options = member.split("|")
         for opt in options:
-            p = self.root / BY_NAME[name].path / opt
+            p = base / opt
             if p.exists():
                 return p
-        return self.root / BY_NAME[name].path / options[0]
+        return base / options[0]
 
     def exists(self, name: str) -> bool:
-        entry = BY_NAME[name]
-        if not entry.is_dir:
-            return (self.root / entry.path).is_file()
-        return all(self.file(name, m).is_file() for m in entry.files)
+        return self.locate(name)[1] is not None
 
     def require(self, name: str) -> Path:
         """The path of entry `name`; `WeightsError` naming file, source and licence when absent."""
         entry = BY_NAME[name]
-        if not entry.is_dir:
-            p = self.root / entry.path
-            if not p.is_file():
-                raise missing_error(entry, p)
-            return p
-        for m in entry.files:
-            p = self.file(name, m)
-            if not p.is_file():
-                raise missing_error(entry, p)
-        return self.root / entry.path
+        path, where = self.locate(name)
+        if where is not None:
+            return path
+        missing = path
+        if entry.is_dir:
+            missing = next((self.file(name, m) for m in entry.files if not self.file(name, m).is_file()), path)
+        raise missing_error(entry, missing, self.looked_in(name))
+
+    def looked_in(self, name: str) -> list[str]:
+        """The other places tried for entry `name`, for messages about a missing file."""
+        looked = [str(p) for p, _ in self.candidates(name)[1:]]
+        if name in SD15_PARTS and not self.sd15 and not hf_sd15_snapshots():
+            looked.append(f"no --sd15 DIR given and no SD 1.5 in the Hugging Face cache {hf_hub_cache()}")
+        return looked
 
     def optional(self, name: str) -> Path | None:
         """The path of entry `name` if present, else None (for backends with an offline fallback)."""
         return self.require(name) if self.exists(name) else None
 
 
-def missing_error(entry: WeightFile, path: Path) -> WeightsError:
+def layout_from_args(args) -> WeightsLayout:
+    """The layout a parsed command line names (`--weights DIR`, `--sd15 DIR`)."""
+    return WeightsLayout(getattr(args, "weights", None), sd15=getattr(args, "sd15", None))
+
+
+def missing_error(entry: WeightFile, path: Path, looked: list[str] = ()) -> WeightsError:
+    also = f" (also looked in: {'; '.join(looked)})" if looked else ""
     return WeightsError(
-        f"missing {path} ({entry.what}); to get it: {_where(entry)}; licence: {entry.licence}"
+        f"missing {path} ({entry.what}){also}; to get it: {_where(entry)}; licence: {entry.licence}"
     )
 
 
@@ -408,6 +487,7 @@ class CheckRow:
     status: str
     size: int
     detail: str
+    origin: str | None = None  # where it was found: "weights folder", "--sd15", "Hugging Face cache", ...
 
 
 def _size(path: Path) -> int:
@@ -422,17 +502,20 @@ def check_weights(layout: WeightsLayout) -> list[CheckRow]:
     """Check every release file under `layout.root`: presence, then a structural check."""
     rows = []
     for entry in RELEASE:
-        path = layout.root / entry.path
-        if not layout.exists(entry.name):
+        path, origin = layout.locate(entry.name)
+        if origin is None:
             missing = [m for m in entry.files if not layout.file(entry.name, m).is_file()]
             detail = "missing " + ", ".join(missing) if entry.is_dir and path.is_dir() else ""
+            looked = layout.looked_in(entry.name)
+            if looked:
+                detail += ("; " if detail else "") + "also looked in: " + "; ".join(looked)
             rows.append(CheckRow(entry, path, "missing", _size(path), detail))
             continue
         try:
             detail = CHECKS[entry.name](layout)
-            rows.append(CheckRow(entry, path, "ok", _size(path), detail))
+            rows.append(CheckRow(entry, path, "ok", _size(path), detail, origin))
         except WeightsError as e:
-            rows.append(CheckRow(entry, path, "bad", _size(path), str(e)))
+            rows.append(CheckRow(entry, path, "bad", _size(path), str(e), origin))
     return rows
 
 
@@ -451,9 +534,15 @@ def format_size(n: int) -> str:
 
 def format_check_table(rows: list[CheckRow], root: Path) -> str:
     """The `weights check` table as text: one line per file, then what is missing and how to get it."""
-    head = ("status", "file", "size", "needed for", "licence")
+    head = ("status", "file", "size", "needed for", "licence", "found in")
+
+    def found(r: CheckRow) -> str:
+        if r.origin is None:
+            return "-"
+        return r.origin if r.path == root / r.entry.path else f"{r.origin}: {r.path}"
+
     body = [(r.status, r.entry.path + ("/" if r.entry.is_dir else ""), format_size(r.size) if r.size else "-",
-             r.entry.needed_for, r.entry.licence) for r in rows]
+             r.entry.needed_for, r.entry.licence, found(r)) for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = [f"weights folder: {root}", "  ".join(h.ljust(w) for h, w in zip(head, widths)),
              "  ".join("-" * w for w in widths)]

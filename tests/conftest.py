@@ -24,3 +24,14 @@ def tiny_weights(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_weights")
     write_tiny_weights(root)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_sd15(tmp_path_factory):
+    """Tests never see this machine's Hugging Face cache or $RETARGET_SD15: a folder that lacks
+    the SD 1.5 parts must read as missing whatever the developer has downloaded."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
+    mp.delenv("RETARGET_SD15", raising=False)
+    yield
+    mp.undo()

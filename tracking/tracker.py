@@ -45,31 +45,32 @@ class TrackOptions:
         "help": "temporal smoothing: zero_phase (offline, no lag), one_euro (causal, for streaming) or none",
         "choices": sm.METHODS})
     cutoff_hz: float = field(default=sm.ZERO_PHASE_CUTOFF_HZ, metadata={
-        "help": "zero_phase: half-power cutoff in Hz (higher keeps faster motion, and more jitter)"})
+        "help": "zero_phase: half-power cutoff in Hz (higher keeps faster motion, and more jitter)", "above": 0})
     min_cutoff: float = field(default=sm.ONE_EURO_MIN_CUTOFF, metadata={
-        "help": "one_euro: cutoff in Hz when the face is still (lower: less jitter, more lag)"})
+        "help": "one_euro: cutoff in Hz when the face is still (lower: less jitter, more lag)", "above": 0})
     beta: float = field(default=sm.ONE_EURO_BETA, metadata={
-        "help": "one_euro: how fast the cutoff rises with speed (higher: less lag in fast motion)"})
+        "help": "one_euro: how fast the cutoff rises with speed (higher: less lag in fast motion)", "min": 0})
     d_cutoff: float = field(default=sm.ONE_EURO_D_CUTOFF, metadata={
-        "help": "one_euro: cutoff in Hz of the speed estimate"})
+        "help": "one_euro: cutoff in Hz of the speed estimate", "above": 0})
     batch_size: int = field(default=0, metadata={
-        "help": "face crops per encoder call (0: 64 on GPU, 8 on CPU)"})
+        "help": "face crops per encoder call (0: 64 on GPU, 8 on CPU)", "min": 0})
     device: str = field(default="auto", metadata={
         "help": "where the SMIRK encoder runs: auto (cuda if available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
     redetect_every: int = field(default=10, metadata={
         "help": "run the full face detector every N frames and track the face between them "
-                "(1: detect on every frame; the face is also re-detected whenever it is lost)"})
+                "(1: detect on every frame; the face is also re-detected whenever it is lost)", "min": 1})
     decode_ahead: int = field(default=16, metadata={
-        "help": "frames decoded ahead on a background thread (0: decode in the main thread)"})
+        "help": "frames decoded ahead on a background thread (0: decode in the main thread)", "min": 0})
     detect_workers: int = field(default=-1, metadata={
         "help": "processes running face detection in parallel (0: none; -1: auto, half the cores, at most "
-                "16, on machines with more than 4 cores and clips of 100+ frames)"})
+                "16, on machines with more than 4 cores and clips of 100+ frames)", "min": -1})
     start: float = field(default=0.0, metadata={
-        "help": "first second of the video to track (decoding seeks there; the smoothing's margin around the range is tracked too, then cut)"})
-    end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)"})
-    max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames"})
+        "help": "first second of the video to track (decoding seeks there; the smoothing's margin around the range is tracked too, then cut)",
+        "min": 0})
+    end: float | None = field(default=None, metadata={"help": "stop at this second (default: the end)", "above": 0})
+    max_frames: int | None = field(default=None, metadata={"help": "track at most this many frames", "min": 1})
     image_fps: float | None = field(default=None, metadata={
-        "help": "frame rate given to a folder of images (default 25)"})
+        "help": "frame rate given to a folder of images (default 25)", "above": 0})
 
     def smoothing_params(self) -> dict:
         """The record stored in the track: {"method": ..., its parameters}."""

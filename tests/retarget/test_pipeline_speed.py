@@ -150,8 +150,11 @@ def test_fast_reader_equals_step_by_step_reader(pipe, actor, expressions):
             got = proc(attn, h)
         assert pipe.reference_state.kv == {}  # the projections live for one loop only
         got_uncached = ReferenceAttnProcessor.read(attn, h, ref, plain_rows=2)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got_uncached, want, atol=1e-6, rtol=0)
+    # One projection for both CFG halves vs each half apart: other GEMM shapes, so fp32 sums in
+    # another order (CPU- and shape-dependent); 1e-5 of the largest value.
+    tol = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    torch.testing.assert_close(got_uncached, want, atol=tol, rtol=0)
 
 
 def test_conv_and_linear_lora_fuse_exactly():

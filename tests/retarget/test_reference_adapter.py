@@ -28,7 +28,9 @@ def test_read_equals_release_formulation(pipe, actor):
         ours = ReferenceAttnProcessor.read(attn, h, ref)
         theirs = AttnProcessor2_0()(attn, h, encoder_hidden_states=torch.cat([h, ref.expand(3, -1, -1)], dim=1))
         plain = AttnProcessor2_0()(attn, h)
-    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    # Keys/values of h and of the bank projected apart vs of their concatenation: other GEMM shapes,
+    # so fp32 sums in another order (CPU- and shape-dependent); 1e-5 of the largest value.
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * float(theirs.abs().max()), rtol=0)
     assert (ours - plain).abs().amax() > 1e-3
 
 
@@ -100,7 +102,9 @@ def test_unconditional_half_reads_no_bank(pipe, actor):
         with reading(pipe.reference_state, actor.bank, read_from=b):
             read = pipe.unet(x, 300, encoder_hidden_states=prompt, added_cond_kwargs={"image_embeds": embeds})[0]
         plain = pipe.unet(x, 300, encoder_hidden_states=prompt, added_cond_kwargs={"image_embeds": embeds})[0]
-    torch.testing.assert_close(read[:b], plain[:b], atol=1e-6, rtol=0)
+    # The reader runs the unconditional rows as a sub-batch of b (the plain call: one batch of 2b):
+    # other GEMM shapes, fp32 sums in another order; 1e-5 of the largest value, far under the 1e-3 below.
+    torch.testing.assert_close(read[:b], plain[:b], atol=1e-5 * float(plain[:b].abs().max()), rtol=0)
     assert (read[b:] - plain[b:]).abs().amax() > 1e-3
 
 
