@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-VENV=${VENV:-.venv}   # CI's second pass installs the lowest allowed versions into .venv-floor
+VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
@@ -15,5 +15,6 @@ fi
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install -q $TORCH_SPEC
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pip install -q -e ".[test]" ${PIP_EXTRA:-}
+# The tested versions: pyproject's floors of diffusers, transformers and peft, exactly (.ci/floor-versions.txt).
+"$VENV/bin/python" -m pip install -q -e ".[test]" -c .ci/floor-versions.txt ${PIP_EXTRA:-}
 "$VENV/bin/python" -c "import retarget, torch; print('retarget', retarget.__version__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

@@ -346,13 +346,18 @@ def _driver_track(drive: Path, choice, layout, opts: RunOptions, work: WorkFolde
 
 # --------------------------------------------------------------------------- jobs
 
-def _check_common(actor_path: Path, out: Path, opts: RunOptions, ro: RetakeOptions, layout):
+def _check_common(actor_path: Path, out: Path, opts: RunOptions, ro: RetakeOptions, layout, inputs=()):
+    """Options, inputs and outputs checked before any work: nothing this job writes (-o, its preview,
+    --frames-dir, the work folder) may be one of its inputs (the take, `inputs`, --identity, --track)."""
+    from retarget.cliargs import check_options
+    from retarget.run import check_outputs
     from tracking.choice import parse_face_choice
 
+    check_options(opts)
     check_output_name(out)
+    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
+    check_outputs(out, opts, work, (actor_path, *inputs, ro.identity, opts.track))
     reader = _open_actor(actor_path)
-    if out.resolve() == actor_path.resolve():
-        raise RetargetError(f"output {out} is the actor video: choose another name")
     if opts.fps is not None:
         raise RetargetError("--fps: with an actor video the output takes the actor clip's frame rate")
     if ro.identity is not None and ro.identity_frame is not None:
@@ -364,7 +369,6 @@ def _check_common(actor_path: Path, out: Path, opts: RunOptions, ro: RetakeOptio
     for name in RENDER_WEIGHTS + ("smirk_ckpt",) + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
     device, _ = resolve_device(opts.device, opts.dtype)
-    work = WorkFolder(Path(opts.work) if opts.work else out.parent / f".{out.name}.work")
     return reader, choice, device, work
 
 
@@ -397,7 +401,7 @@ def retake(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | o
     if not drive.exists():
         raise RetargetError(f"driving video {drive} does not exist")
     dreader = open_video(drive)
-    reader, choice, device, work = _check_common(actor_path, out, opts, ro, layout)
+    reader, choice, device, work = _check_common(actor_path, out, opts, ro, layout, inputs=(drive,))
     drive_choice = parse_face_choice(ro.drive_face, "--drive-face")
     gain = parse_gain(opts.gain)
     if opts.relative and ro.absolute:
@@ -458,7 +462,10 @@ def edit(actor_path: str | os.PathLike, out: str | os.PathLike, edit_options: Ed
     t0 = time.perf_counter()
     actor_path, out = Path(actor_path), Path(out)
     layout = _layout(weights)
-    reader, choice, device, work = _check_common(actor_path, out, opts, ro, layout)
+    from retarget.sources import input_paths, parse_source
+
+    added = input_paths([parse_source(eo.add, where="--add")])
+    reader, choice, device, work = _check_common(actor_path, out, opts, ro, layout, inputs=added)
     gain = parse_edit_gain(eo.gain)
     if ro.audio == "drive":
         raise RetargetError("--audio drive: edit has no driving video; use actor or none")

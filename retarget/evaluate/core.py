@@ -131,9 +131,11 @@ def check_inputs(inputs: EvalInputs, opts: EvalOptions, report_dir: Path | None 
         report_dir = Path(report_dir)
         if report_dir.exists() and not report_dir.is_dir():
             raise RetargetError(f"-o {report_dir}: a file of that name exists; the report is a folder")
-        for p in inputs.paths():
-            if report_dir.resolve() == Path(p).resolve():
-                raise RetargetError(f"-o {report_dir} is one of the inputs; choose another report folder")
+        from render.files import check_not_input
+
+        # The folder, and the files it gets, are never an input (links and hard links included).
+        for written in (report_dir, *(report_dir / n for n in ("metrics.json", "per_frame.csv", "report.html"))):
+            check_not_input(written, inputs.paths(), option="-o")
     drive_end = drive.duration_s or drive.frame_count / max(drive.fps, 1e-6)
     if drive.kind == "image":
         drive_end = 1.0 / drive.fps
