@@ -32,8 +32,8 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.run import (
-    RENDER_WEIGHTS, RunOptions, WorkFolder, _progress, check_output_name, check_writable, file_fingerprint, is_oom,
-    read_image, render_call, resolve_device,
+    RENDER_WEIGHTS, RunOptions, WorkFolder, _progress, check_output_name, check_writable, file_fingerprint,
+    read_image, render_call, resolve_device, split_on_oom,
 )
 
 IDENTITY_FRAMES = 5  # sharp frontal frames averaged for the default identity
@@ -617,23 +617,16 @@ def _render_frames(pipe, actor, reader, take: ActorTake, params: np.ndarray, idx
 def _render_batch(pipe, actor, crops: np.ndarray, params: np.ndarray, idx: list[int], call: dict,
                   opts: RunOptions) -> list[np.ndarray]:
     """One batch: its per-frame references (writer once, batched), then the denoising loop; halves on
-    out-of-memory as `retarget.run` does."""
-    try:
-        framed = pipe.frame_references(actor, crops, seed=opts.seed, ref_latent=opts.ref_latent) \
-            if call["ref_strength"] > 0 else actor
-        return list(pipe(framed, params, frame_indices=idx, **call))
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        import torch
+    out-of-memory as `retarget.run` does. crops, params: one row per frame of `idx`, in that order."""
+    row = {f: k for k, f in enumerate(idx)}
 
-        torch.cuda.empty_cache()
-        if len(idx) == 1:
-            raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
-                                "or free the GPU") from None
-        h = len(idx) // 2
-        return (_render_batch(pipe, actor, crops[:h], params[:h], idx[:h], call, opts)
-                + _render_batch(pipe, actor, crops[h:], params[h:], idx[h:], call, opts))
+    def render(sub: list[int]):
+        rows = [row[f] for f in sub]
+        framed = pipe.frame_references(actor, crops[rows], seed=opts.seed, ref_latent=opts.ref_latent) \
+            if call["ref_strength"] > 0 else actor
+        return pipe(framed, params[rows], frame_indices=sub, **call)
+
+    return split_on_oom(render, idx)
 
 
 def _driving_frames(reader, wanted: np.ndarray):

@@ -627,8 +627,15 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
 
 
 def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict) -> list[np.ndarray]:
+    return split_on_oom(lambda sub: pipe(actor, params[sub], frame_indices=sub, **call), idx)
+
+
+def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[int]) -> list[np.ndarray]:
+    """`render(idx)` -> one image per index; on out-of-GPU-memory, the two halves of `idx` apart
+    (recursively), so a batch too large for the card still renders. RetargetError when even one
+    frame does not fit."""
     try:
-        return list(pipe(actor, params[idx], frame_indices=idx, **call))
+        return list(render(idx))
     except Exception as e:
         if not is_oom(e):
             raise
@@ -639,8 +646,7 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
             raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
                                 "or free the GPU") from None
         half = len(idx) // 2
-        return (_render_with_backoff(pipe, actor, params, idx[:half], call)
-                + _render_with_backoff(pipe, actor, params, idx[half:], call))
+        return split_on_oom(render, idx[:half]) + split_on_oom(render, idx[half:])
 
 
 def _driving_frames(reader, wanted: np.ndarray, start_s: float = 0.0):

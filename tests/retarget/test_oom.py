@@ -1,0 +1,43 @@
+"""Out of GPU memory: a batch is split in halves until it fits (run, retake, Ray workers share it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from render.errors import RetargetError
+from retarget.run import split_on_oom
+
+
+class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name is what is_oom looks for
+    pass
+
+
+def test_batches_halve_until_they_fit_and_keep_their_order():
+    calls = []
+
+    def render(idx):
+        calls.append(list(idx))
+        if len(idx) > 2:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [np.full((2, 2, 3), i, np.uint8) for i in idx]
+
+    images = split_on_oom(render, [3, 4, 5, 6, 7])
+    assert [int(im[0, 0, 0]) for im in images] == [3, 4, 5, 6, 7]
+    assert calls == [[3, 4, 5, 6, 7], [3, 4], [5, 6, 7], [5], [6, 7]]
+
+
+def test_one_frame_that_does_not_fit_is_one_clear_error():
+    def render(idx):
+        raise OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(RetargetError, match="out of GPU memory even for one frame"):
+        split_on_oom(render, [0, 1])
+
+
+def test_other_errors_pass_through():
+    def render(idx):
+        raise ValueError("bad shape")
+
+    with pytest.raises(ValueError, match="bad shape"):
+        split_on_oom(render, [0, 1])
