@@ -302,7 +302,7 @@ def test_more_bad_inputs_fail_before_any_model_loads(inputs, track_file, tiny_we
         (["run", drive, actor, "-o", tmp_path / "o.mp4", "--track", keys, *w], "keys.json is not a track file"),
         (["storyboard", actor, "-o", tmp_path / "s.png", "--presets", "grin", *w], "--presets: unknown preset 'grin'"),
         (["storyboard", actor, "-o", tmp_path / "s.gif", "--presets", "neutral", *w], "use a .png or .jpg name"),
-        (["transition", actor, '[{"time": -1}]', "-o", tmp_path / "t.mp4", *w], "time must be >= 0 seconds, got -1"),
+        (["transition", actor, '[{"time": -1}]', "-o", tmp_path / "t.mp4", *w], "time must be a number of seconds >= 0, got -1"),
         (["run", drive, actor, "-o", tmp_path / "o.mp4", "--weights", tmp_path / "empty", *W],
          "missing", "arc2face", "FoivosPar/Arc2Face", "licence"),
     ]

@@ -75,7 +75,8 @@ def test_bad_ranges_fail_before_tracking(inputs, tiny_weights, tmp_path):
     from render.errors import RetargetError
 
     drive, actor = inputs
-    for kw, message in ((dict(start=3.0, end=2.0), "--end 2s must be after --start 3s"),
+    # (the first is the option check, before any work; the second needs the clip's length)
+    for kw, message in ((dict(start=3.0, end=2.0), "--end 2 must be after --start 3"),
                         (dict(start=9.0), "--start 9s is at or after the end of")):
         with pytest.raises(RetargetError, match=message):
             run(drive, actor, tmp_path / "x.mp4", RunOptions(steps=1, device="cpu", **kw), weights=tiny_weights,

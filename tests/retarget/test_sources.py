@@ -9,8 +9,15 @@ from render.errors import RetargetError
 from retarget.sources import CLIP, NUMBERS, PHOTO, PRESET, TRACK, check_sources, parse_source, resolve_sources
 
 # Pictures are encoded in one batch here and one at a time (or 8 at a time) by `retarget
-# track`: fp32 moves with the batch shape by up to ~2e-5 on tracked parameters (GUIDE.md).
-BATCH_ATOL = 5e-5
+# track`: fp32 moves with the batch shape by ~2e-5 of a parameter's size (GUIDE.md); the tiny
+# random encoder's outputs reach ~200 (seen: 6.5e-5 on values of 10-20), so the tolerance is
+# relative to the largest value compared, with 5e-5 as its floor.
+BATCH_RTOL = 2e-5
+
+
+def assert_tracked_equal(got, want):
+    want = np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=max(5e-5, BATCH_RTOL * float(np.abs(want).max())))
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +115,9 @@ def test_every_kind_resolves_to_the_numbers_of_tracking_directly(pictures, layou
     assert got.shape == (9, 55) and got.dtype == np.float32
     np.testing.assert_array_equal(got[8][:50], direct_photo[:50])
     np.testing.assert_array_equal(got[8][50:52], [0.5, 0.5])
-    np.testing.assert_allclose(got[0], direct_photo, atol=BATCH_ATOL)
-    np.testing.assert_allclose(got[1], clip_track.raw[13], atol=BATCH_ATOL)
-    np.testing.assert_allclose(got[2], clip_track.raw[5], atol=BATCH_ATOL)
+    assert_tracked_equal(got[0], direct_photo)
+    assert_tracked_equal(got[1], clip_track.raw[13])
+    assert_tracked_equal(got[2], clip_track.raw[5])
     np.testing.assert_array_equal(got[3], clip_track.params[5])
     np.testing.assert_array_equal(got[4], clip_track.params[13])
     np.testing.assert_array_equal(got[5][50:52], [1, 1])
