@@ -168,22 +168,9 @@ def parse_script(data, *, name: str = "script", base: str | os.PathLike | None =
 def load_script(path: str | os.PathLike) -> Script:
     """Read a storyboard script (YAML, or JSON, which is YAML too). RetargetError naming the file
     and line for unreadable files and YAML syntax errors, and the panel for bad panels."""
-    import yaml
+    from retarget.documents import load_document
 
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RetargetError(f"storyboard script {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise RetargetError(f"storyboard script {path} is not readable ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RetargetError(f"{path.name}: not valid YAML{at} ({problem})") from None
+    data, _, path, _ = load_document(path, what="storyboard script")
     script = parse_script(data, name=path.name, base=path.parent)
     script.path = path
     return script

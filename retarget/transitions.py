@@ -100,25 +100,9 @@ def parse_keys(data, *, name: str = "keyframes", base: str | os.PathLike | None 
 def load_keys(spec: str | os.PathLike) -> KeyFile:
     """Read a keyframe file (JSON or YAML; a string starting with [ or { is the text itself).
     RetargetError naming the file and line for unreadable files and syntax errors."""
-    import yaml
+    from retarget.documents import load_document
 
-    if isinstance(spec, str) and spec.lstrip()[:1] in ("[", "{"):
-        name, text, path = "keyframes text", spec, None
-    else:
-        path = Path(spec)
-        name = path.name
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RetargetError(f"keyframe file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise RetargetError(f"cannot read keyframe file {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)  # JSON is YAML
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise RetargetError(f"{name}: not valid JSON/YAML{at} ({getattr(e, 'problem', None) or e})") from None
+    data, text, path, name = load_document(spec, what="keyframe file", kind="JSON/YAML", inline="keyframes text")
     keys = parse_keys(data, name=name, base=path.parent if path else None,
                       sha256=hashlib.sha256(text.encode()).hexdigest())
     keys.path = path
