@@ -190,11 +190,11 @@ def cmd_demo(args) -> int:
 def cmd_app(args) -> int:
     from retarget.app.config import AppOptions
     from retarget.run import RENDER_WEIGHTS
-    from retarget.weights import WeightsLayout
+    from retarget.weights import layout_from_args
 
     cfg = dataclass_from_args(AppOptions, args)
     cfg.validate()
-    layout = WeightsLayout(args.weights)
+    layout = layout_from_args(args)
     for name in RENDER_WEIGHTS + ("smirk_ckpt",):  # fail now, not at the first click
         layout.require(name)
     from retarget.app.layout import launch
@@ -401,6 +401,7 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
 def cmd_edit(args) -> int:
     from retarget.retake import EditOptions, RetakeOptions, edit
     from retarget.run import RunOptions
+    from retarget.weights import layout_from_args
 
     if args.add is None:
         from retarget.sources import HELP
@@ -409,7 +410,7 @@ def cmd_edit(args) -> int:
     summary = edit(args.actor, args.output, dataclass_from_args(EditOptions, args),
                    dataclass_from_args(RunOptions, args, start=None, end=None, gain=None),
                    dataclass_from_args(RetakeOptions, args),
-                   weights=args.weights)
+                   weights=layout_from_args(args))
     print(summary.line())
     return 0
 

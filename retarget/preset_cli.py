@@ -14,6 +14,7 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.presets import Preset, PresetLibrary, check_name
+from retarget.weights import layout_from_args
 
 
 def add_preset(name: str, source, *, note: str = "", weights=None, device: str = "auto",
@@ -120,7 +121,7 @@ def _library(args) -> PresetLibrary:
 
 def cmd_preset_add(args) -> int:
     library = _library(args)
-    preset, replaced = add_preset(args.name, args.source, note=args.note or "", weights=args.weights,
+    preset, replaced = add_preset(args.name, args.source, note=args.note or "", weights=layout_from_args(args),
                                   device=args.device, library=library)
     print(preset_numbers(preset).splitlines()[0].split(" (")[0] + ": " + preset.summary())
     print(("replaced the user preset " if replaced else "saved ") + f"{preset.name!r} in {preset.path}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from retarget.cliargs import add_dataclass_options, dataclass_from_args
+from retarget.weights import layout_from_args
 
 
 def default_report_dir(output: str | Path) -> Path:
@@ -22,7 +23,7 @@ def cmd_eval(args) -> int:
                         Path(args.track) if args.track else None)
     report = Path(args.output) if args.output else default_report_dir(args.video)
     opts = dataclass_from_args(EvalOptions, args)
-    result = evaluate(inputs, opts, weights=args.weights, report_dir=report, progress=not args.json, log=None)
+    result = evaluate(inputs, opts, weights=layout_from_args(args), report_dir=report, progress=not args.json, log=None)
     paths = write_outputs(result, report)
     if args.json:
         print(metrics_json(result.metrics))
@@ -43,7 +44,7 @@ def eval_after_run(args, run_opts, summary) -> Path:
     opts = EvalOptions(start=float(run_opts.start or 0.0), relative=run_opts.relative,
                        neutral_frame=run_opts.neutral_frame,
                        device=run_opts.device if run_opts.device in ("cpu", "cuda") else "auto")
-    result = evaluate(inputs, opts, weights=args.weights, report_dir=report, log=None)
+    result = evaluate(inputs, opts, weights=layout_from_args(args), report_dir=report, log=None)
     paths = write_outputs(result, report)
     print(summary_text(result.metrics))
     print(f"wrote {paths['report']} and {paths['metrics']}")

@@ -4,13 +4,14 @@ retarget.commands). Parsing only: the work is `dataset_build.build_dataset` and 
 from __future__ import annotations
 
 from retarget.cliargs import add_dataclass_options, dataclass_from_args
+from retarget.weights import layout_from_args
 
 
 def cmd_dataset_build(args) -> int:
     from retarget.train.dataset_build import DatasetOptions, build_dataset
 
     opts = dataclass_from_args(DatasetOptions, args)
-    summary = build_dataset(args.sources, args.output, weights=args.weights, options=opts)
+    summary = build_dataset(args.sources, args.output, weights=layout_from_args(args), options=opts)
     print(summary.text())
     if summary.corrupt:
         print(f"{len(summary.corrupt)} source(s) could not be read and were skipped (see above)")
@@ -22,7 +23,7 @@ def cmd_train(args) -> int:
     from retarget.train.options import TrainOptions
 
     opts = dataclass_from_args(TrainOptions, args)
-    result = train(args.mode, args.data, args.output, opts, weights=args.weights)
+    result = train(args.mode, args.data, args.output, opts, weights=layout_from_args(args))
     if result.adapter is not None:  # the main process (the others of a data-parallel run stay quiet)
         print(result.line())
     return 0
