@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,29 @@ class FrameRenderer:
     """
 
     def __init__(self, weights: str, load: dict):
+        # Where a cold worker's start goes (seconds since the epoch; `start_breakdown` turns them
+        # into durations): the process, the imports, CUDA and the models.
+        marks = {"process": process_start_time(), "init": time.time()}
         from retarget.pipeline import RetargetPipeline
         from retarget.run import resolve_device
         from retarget.weights import WeightsLayout
 
+        marks["imported"] = time.time()
         self.layout = WeightsLayout(weights)
         self.device, self.dtype = resolve_device(load["device"], load["dtype"])
+        if self.device == "cuda":
+            import torch
+
+            torch.zeros(1, device="cuda")  # the CUDA context, timed apart from the weights
+        marks["device"] = time.time()
         self.pipe = RetargetPipeline.from_weights(self.layout, device=self.device, dtype=self.dtype,
                                                   lcm=bool(load["fast"]))
+        marks["models"] = time.time()
         # The face finder loads its models on first use: do it now, while the driver is still busy,
         # instead of inside the job's first prepare (1 s of a 1.3 s first prepare on 2 cores).
         self.pipe._face_backend().detect(np.zeros((64, 64, 3), np.uint8))
+        marks["ready"] = time.time()
+        self.marks = marks
         self.key: str | None = None
         self.rendering = None
         self.batches = 0  # of the current job, in this process
@@ -83,7 +96,7 @@ class FrameRenderer:
         except ImportError:  # used without Ray
             pass
         return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device, dtype=self.dtype, gpus=gpus,
-                    actor_id=actor_id,
+                    actor_id=actor_id, marks=dict(self.marks),
                     auto_batch=auto_batch(self.device, self.pipe.image_size), image_size=self.pipe.image_size)
 
     def prepare(self, job: dict, export: bool = True):
@@ -144,6 +157,40 @@ class FrameRenderer:
             return
         os.close(fd)
         os._exit(1)
+
+
+def process_start_time() -> float | None:
+    """When this process started (seconds since the epoch), or None where that cannot be read."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or the platform refuses: the breakdown starts at __init__
+        return None
+
+
+START_STAGES = (("process", "init", "process start"), ("init", "imported", "imports"),
+                ("imported", "device", "device"), ("device", "models", "models"), ("models", "ready", "face finder"))
+
+
+def start_breakdown(marks: dict, asked: float | None = None) -> dict[str, float]:
+    """Seconds of each step of a worker's start from its `marks` (FrameRenderer.info()["marks"]):
+    {"scheduling": asked -> process start (when `asked`, the driver's time.time() at start, is
+    given), "process start", "imports", "device", "models", "face finder", "total"}; no "process
+    start" when the process existed before it was asked for (Ray keeps idle workers). Clocks of
+    one host; across hosts the scheduling figure carries their clock offset."""
+    marks = dict(marks)
+    if asked is not None and marks.get("process") is not None and marks["process"] < asked:
+        marks["process"] = None  # a process Ray had started before (its idle pool): no start to count
+    first = marks.get("process") or marks["init"]
+    out = {}
+    if asked is not None:
+        out["scheduling"] = first - asked
+    for a, b, name in START_STAGES:
+        if marks.get(a) is not None and marks.get(b) is not None:
+            out[name] = marks[b] - marks[a]
+    out["total"] = marks["ready"] - (asked if asked is not None else first)
+    return out
 
 
 class _Rows:

@@ -11,6 +11,7 @@ frame's noise depends only on (seed, frame index).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -95,6 +96,7 @@ class RayPool:
         self.ready: dict[int, dict] = {}  # actor number -> its info()
         self._starting: dict = {}  # info() ref -> actor number
         self._started_ray = False
+        self._asked: float | None = None  # time.time() when the actors were asked for
         self.deaths = 0
 
     # ------------------------------------------------------------------ lifetime
@@ -144,6 +146,7 @@ class RayPool:
         from retarget.scale.actors import FrameRenderer
 
         remote = ray.remote(FrameRenderer).options(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **per)
+        self._asked = time.time()
         self.actors = [remote.remote(str(self.layout.root), self.load) for _ in range(n)]
         self.alive = set(range(n))
         self._starting = {a.info.remote(): i for i, a in enumerate(self.actors)}
@@ -163,6 +166,12 @@ class RayPool:
         i = self._starting.pop(ref)
         try:
             self.ready[i] = ray.get(ref)
+            from retarget.scale.actors import start_breakdown
+
+            steps = start_breakdown(self.ready[i]["marks"], self._asked)
+            self.ready[i]["start"] = steps
+            self.log(f"ray: worker {i} ready after {steps['total']:.1f}s ("
+                     + ", ".join(f"{k} {v:.1f}s" for k, v in steps.items() if k != "total") + ")")
         except Exception as e:
             self.alive.discard(i)
             e = unwrap(e)

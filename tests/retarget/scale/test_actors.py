@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from retarget.run import RunOptions
-from retarget.scale.actors import FrameRenderer, export_actor
+from retarget.scale.actors import FrameRenderer, export_actor, start_breakdown
 
 
 def test_shipped_state_renders_like_recomputed(tiny_weights):
@@ -30,3 +30,25 @@ def test_shipped_state_renders_like_recomputed(tiny_weights):
     light = export_actor(w.rendering.actor, tensors=False)
     assert light.bank is None and light.M is not None and light.crop is not None
     assert torch.equal(state.id_embeds, w.rendering.actor.id_embeds.cpu())
+
+
+def test_start_breakdown_adds_up():
+    marks = {"process": 100.0, "init": 100.5, "imported": 103.0, "device": 103.25, "models": 107.0, "ready": 108.0}
+    steps = start_breakdown(marks, asked=99.0)
+    assert steps == {"scheduling": 1.0, "process start": 0.5, "imports": 2.5, "device": 0.25, "models": 3.75,
+                     "face finder": 1.0, "total": 9.0}
+    assert sum(v for k, v in steps.items() if k != "total") == steps["total"]
+    # Without psutil the process start is unknown: the breakdown starts at __init__.
+    no_proc = start_breakdown(dict(marks, process=None))
+    assert "process start" not in no_proc and no_proc["total"] == 7.5
+    # A process Ray started before it was asked for (its idle pool): scheduling runs to __init__.
+    idle = start_breakdown(dict(marks, process=90.0), asked=99.0)
+    assert "process start" not in idle and idle["scheduling"] == 1.5 and idle["total"] == 9.0
+
+
+def test_worker_reports_when_its_start_steps_ended(tiny_weights):
+    w = FrameRenderer(str(tiny_weights), dict(device="cpu", dtype="auto", fast=False))
+    marks = w.info()["marks"]
+    order = [marks[k] for k in ("init", "imported", "device", "models", "ready")]
+    assert order == sorted(order)
+    assert marks["process"] is None or marks["process"] <= marks["init"]

@@ -167,7 +167,12 @@ def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys):
                "--batch", str(BATCH), "--device", "cpu", "--track", str(track), "--crop-only", "--keep-work",
                "--ray", "--ray-workers", "1", "--ray-cpus-per-worker", "1"])
     assert rc == 0, capsys.readouterr().err
-    assert f"done: {FRAMES} frames ({FRAMES} rendered now, 0 driving frames tracked)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"done: {FRAMES} frames ({FRAMES} rendered now, 0 driving frames tracked)" in printed
+    # The cold worker's start, step by step (where a short job's Ray overhead goes).
+    ready = next(line for line in printed.splitlines() if line.startswith("ray: worker 0 ready after"))
+    for step in ("scheduling", "imports", "device", "models", "face finder"):
+        assert f"{step} " in ready, ready
     _assert_same(out, reference)
 
 
