@@ -52,7 +52,7 @@ def cmd_batch(args) -> int:
     from retarget.scale.jobs import default_status_path, format_summary, load_jobs, run_jobs
     from retarget.scale.options import ray_options_from_args
 
-    jobs = load_jobs(args.jobs, weights=args.weights)
+    jobs = load_jobs(args.jobs, weights=args.weights, sd15=args.sd15)
     ray_opts = ray_options_from_args(args)
     status = Path(args.status) if args.status else default_status_path(Path(args.jobs))
     results = run_jobs(jobs, status_path=status, ray_opts=ray_opts, fresh=args.fresh)

@@ -41,7 +41,7 @@ class FrameRenderer:
     """One worker: a loaded `RetargetPipeline` and the prepared actor of the job it works on.
 
     weights: the weights folder (the same path on every node). load: {"device", "dtype", "fast"}
-    as in RunOptions (the choices that fix the loaded pipeline).
+    as in RunOptions (the choices that fix the loaded pipeline), and "sd15": the --sd15 folder or None.
 
     A job is a dict: {"key": str, "opts": RunOptions, "photo": [ObjectRef of the (H, W, 3) uint8
     actor photo], "state": [ObjectRef of an exported Actor] or None, "fault": None}. "fault" is
@@ -62,7 +62,7 @@ class FrameRenderer:
         from retarget.weights import WeightsLayout
 
         marks["imported"] = time.time()
-        self.layout = WeightsLayout(weights)
+        self.layout = WeightsLayout(weights, sd15=load.get("sd15"))
         self.device, self.dtype = resolve_device(load["device"], load["dtype"])
         if self.device == "cuda":
             import torch

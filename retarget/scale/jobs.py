@@ -42,7 +42,7 @@ COMMANDS = {
     "transition": dict(required=("actor", "keyframes", "output"), extra=dict(fps=25.0, easing="smoothstep"),
                        exclude=_DRIVING_ONLY),
 }
-PATH_KEYS = ("drive", "actor", "output", "track", "work", "frames_dir", "weights")
+PATH_KEYS = ("drive", "actor", "output", "track", "work", "frames_dir", "weights", "sd15")
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 
 
@@ -58,6 +58,7 @@ class Job:
     extra: dict           # command-specific keys (storyboard picks, transition fps/easing)
     weights: str | None
     spec: str             # hash of everything above: a changed job is a new job
+    sd15: str | None = None  # a Stable Diffusion 1.5 folder for what the weights folder lacks (--sd15)
 
     def describe(self) -> str:
         return f"job {self.name!r} ({self.command})"
@@ -79,9 +80,10 @@ class JobResult:
 
 # --------------------------------------------------------------------------- reading the file
 
-def load_jobs(path: str | os.PathLike, *, weights: str | None = None) -> list[Job]:
+def load_jobs(path: str | os.PathLike, *, weights: str | None = None, sd15: str | None = None) -> list[Job]:
     """The checked jobs of a YAML (or JSON) jobs file; RetargetError naming the file, the job and
-    the key for anything wrong with it. `weights`: default weights folder (the CLI's --weights)."""
+    the key for anything wrong with it. `weights`, `sd15`: default weights and SD 1.5 folders (the
+    CLI's --weights, --sd15), for jobs and defaults that name none."""
     import yaml
 
     path = Path(path)
@@ -107,7 +109,7 @@ def load_jobs(path: str | os.PathLike, *, weights: str | None = None) -> list[Jo
         try:
             if not isinstance(raw, dict):
                 raise RetargetError("must be a mapping of keys (command, actor, output, ...)")
-            jobs.append(_check_job({**defaults, **raw}, n, path.parent, weights))
+            jobs.append(_check_job({**defaults, **raw}, n, path.parent, weights, sd15))
         except RetargetError as e:
             label = raw.get("name") if isinstance(raw, dict) and raw.get("name") else f"#{n}"
             problems.append(f"job {label}: {e}")
@@ -128,7 +130,7 @@ def load_jobs(path: str | os.PathLike, *, weights: str | None = None) -> list[Jo
     return jobs
 
 
-def _check_job(d: dict, n: int, base: Path, default_weights: str | None) -> Job:
+def _check_job(d: dict, n: int, base: Path, default_weights: str | None, default_sd15: str | None = None) -> Job:
     from retarget.run import RunOptions
 
     command = d.get("command", "run")
@@ -140,7 +142,7 @@ def _check_job(d: dict, n: int, base: Path, default_weights: str | None) -> Job:
         raise RetargetError(f"{command} needs {', '.join(missing)}")
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
     allowed_opts = [k for k in fields if k not in spec["exclude"]]
-    known = set(spec["required"]) | set(spec["extra"]) | set(allowed_opts) | {"command", "name", "weights"}
+    known = set(spec["required"]) | set(spec["extra"]) | set(allowed_opts) | {"command", "name", "weights", "sd15"}
     for k in d:
         if k not in known:
             close = difflib.get_close_matches(k, sorted(known), n=1)
@@ -176,15 +178,17 @@ def _check_job(d: dict, n: int, base: Path, default_weights: str | None) -> Job:
     output = resolve(d["output"])
     weights = d.get("weights", default_weights)
     weights = str(resolve(weights)) if weights else None
+    sd15 = d.get("sd15", default_sd15)
+    sd15 = str(resolve(sd15)) if sd15 else None
     name = str(d.get("name") or f"{n}-{output.stem}")
     # Input files enter the spec by content, so a job whose photo or clip changed is not "done".
     files = {k: _fingerprint(v) for k, v in {**inputs, **extra, "track": options.track}.items()
              if isinstance(v, (str, Path)) and k in PATH_KEYS + ("keyframes",)}
     blob = json.dumps(dict(command=command, output=str(output), inputs={k: str(v) for k, v in inputs.items()},
                            extra={k: str(v) for k, v in extra.items()}, options=dataclasses.asdict(options),
-                           weights=weights, files=files), sort_keys=True)
+                           weights=weights, sd15=sd15, files=files), sort_keys=True)
     return Job(name=name, command=command, output=output, inputs=inputs, options=options, extra=extra,
-               weights=weights, spec=hashlib.sha256(blob.encode()).hexdigest()[:16])
+               weights=weights, sd15=sd15, spec=hashlib.sha256(blob.encode()).hexdigest()[:16])
 
 
 def _fingerprint(v) -> str:
@@ -276,7 +280,7 @@ def run_job(job: Job, prepare, log=print):
     """Run one job through the functions its CLI command calls; returns (frames, rendered)."""
     from retarget.weights import WeightsLayout
 
-    layout = WeightsLayout(job.weights)
+    layout = WeightsLayout(job.weights, sd15=job.sd15)
     if job.command == "run":
         from retarget.run import run
 

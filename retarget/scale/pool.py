@@ -74,8 +74,10 @@ def unwrap(e: BaseException) -> BaseException:
 
 
 def load_key(layout, opts) -> tuple:
-    """What fixes a loaded pipeline: weights folder, device, dtype, LCM. Jobs with the same key share actors."""
-    return (str(Path(layout.root).resolve()), opts.device, opts.dtype, bool(opts.fast))
+    """What fixes a loaded pipeline: weights folder (and --sd15 folder), device, dtype, LCM. Jobs with
+    the same key share actors."""
+    sd15 = str(Path(layout.sd15).resolve()) if getattr(layout, "sd15", None) else None
+    return (str(Path(layout.root).resolve()), sd15, opts.device, opts.dtype, bool(opts.fast))
 
 
 class RayPool:
@@ -89,7 +91,8 @@ class RayPool:
 
     def __init__(self, ray_opts: RayOptions, layout, opts, *, log=print, fault: dict | None = None):
         self.ray_opts, self.layout, self.key = ray_opts, layout, load_key(layout, opts)
-        self.load = dict(device=opts.device, dtype=opts.dtype, fast=bool(opts.fast))
+        self.load = dict(device=opts.device, dtype=opts.dtype, fast=bool(opts.fast),
+                         sd15=str(layout.sd15) if getattr(layout, "sd15", None) else None)
         self.log, self.fault = log, fault
         self.actors: list = []
         self.alive: set[int] = set()

@@ -36,6 +36,27 @@ jobs:
     assert s.extra["paste_back"] is False  # as `retarget storyboard`
     assert t.extra["fps"] == 12 and json.loads(t.inputs["keyframes"])[1]["jaw"] == 0.3
     assert len({a.spec, s.spec, t.spec}) == 3
+    assert a.sd15 is None
+
+
+def test_sd15_folder_from_the_file_or_the_command_line(tmp_path):
+    """`sd15:` in the file (relative to it) or `retarget batch --sd15 DIR`: each job's weights layout
+    looks there for vae/, scheduler/, tokenizer/, and Ray workers load with it (part of the load key)."""
+    from retarget.run import RunOptions
+    from retarget.scale.pool import load_key
+    from retarget.weights import WeightsLayout
+
+    p = _write(tmp_path, """
+jobs:
+  - {name: a, drive: d.mp4, actor: a.jpg, output: a.mp4, sd15: sd}
+  - {name: b, drive: d.mp4, actor: a.jpg, output: b.mp4}
+""")
+    a, b = load_jobs(p, weights=str(tmp_path / "w"), sd15="/models/sd15")
+    assert a.sd15 == str(tmp_path / "sd") and b.sd15 == "/models/sd15"
+    assert b.spec != load_jobs(p, weights=str(tmp_path / "w"))[1].spec  # another SD folder: another job
+    ka = load_key(WeightsLayout(a.weights, sd15=a.sd15), RunOptions())
+    kb = load_key(WeightsLayout(b.weights, sd15=b.sd15), RunOptions())
+    assert ka != kb  # another SD 1.5 folder is another loaded pipeline: no shared workers
 
 
 @pytest.mark.parametrize("body,words", [
