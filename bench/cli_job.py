@@ -44,9 +44,38 @@ def main(argv=None) -> int:
             runtime_env["worker_process_setup_hook"] = "bench.replayed_faces.install_from_env"
         ray.init(address=args.ray_address, runtime_env=runtime_env, log_to_driver=False, include_dashboard=False,
                  logging_level="warning")
+    report_from_inside()
     from retarget.cli import main as retarget_main
 
     return retarget_main(argv[k + 1:])
+
+
+def report_from_inside() -> None:
+    """Print what only the job's process knows, as `BENCH <name> <json>` lines for bench/scale.py:
+    the run's stage times (RunSummary.stages, where present) and the Ray workers' busy seconds."""
+    import json
+
+    from retarget.run import RunSummary
+    from retarget.scale.pool import RayPool
+
+    line = RunSummary.line
+
+    def line_with_stages(self):
+        print("BENCH stages " + json.dumps(getattr(self, "stages", None) or {}), flush=True)
+        return line(self)
+
+    RunSummary.line = line_with_stages
+    close = RayPool.close
+
+    def close_with_stats(self):
+        if self.actors:
+            try:
+                print("BENCH workers " + json.dumps(self.stats()), flush=True)
+            except Exception as e:  # a dead worker: the figures are lost, not the job
+                print(f"BENCH workers-error {json.dumps(str(e)[:200])}", flush=True)
+        close(self)
+
+    RayPool.close = close_with_stats
 
 
 if __name__ == "__main__":

@@ -158,6 +158,10 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
     m = re.search(r"done: (\d+) frames .* in ([\d.]+)s", text)
     row = dict(variant=variant, frames=int(m.group(1)), job_s=job_s, job_fps=int(m.group(1)) / job_s,
                run_s=float(m.group(2)))  # run_s: inside run(), after the process's start and imports
+    import json
+
+    for name, blob in re.findall(r"^BENCH (stages|workers) (.*)$", text, flags=re.M):
+        row[name] = json.loads(blob)
     ready = re.search(r"ray: worker 0 ready after ([\d.]+)s \((.*)\)", text)
     if ready:
         row["worker_start_s"] = float(ready.group(1))

@@ -81,6 +81,7 @@ class FrameRenderer:
         self.rendering = None
         self.batches = 0  # of the current job, in this process
         self.prepared = 0  # how many actors this process prepared itself (recompute / the shipping worker)
+        self.busy_s = 0.0  # seconds spent rendering batches (all jobs), for benchmarks
 
     def info(self) -> dict:
         """Where this worker runs and what it loaded; also the "ready" signal of a new worker."""
@@ -110,12 +111,14 @@ class FrameRenderer:
         (indices, (B, H, W, 3) uint8 images), exactly as the single-process run renders that batch."""
         r = self._install(job)
         self.batches += 1
+        t0 = time.perf_counter()
         (_, images), = list(r.render([list(indices)], _Rows(indices, params)))
+        self.busy_s += time.perf_counter() - t0
         self._maybe_crash(job.get("fault"))
         return list(indices), images
 
     def stats(self) -> dict:
-        return dict(pid=os.getpid(), batches=self.batches, prepared=self.prepared, key=self.key)
+        return dict(pid=os.getpid(), batches=self.batches, prepared=self.prepared, key=self.key, busy_s=self.busy_s)
 
     # ------------------------------------------------------------------ internals
     def _install(self, job: dict):
