@@ -140,11 +140,13 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "cli_job.py")]
     if faces:
         cmd += ["--faces", faces]
-    if variant == "cli_ray":
+    ray_run = variant.startswith("cli_ray")
+    if ray_run:
         cmd += ["--ray-address", "auto"]
     cmd += ["--", "run", str(inputs[0]), str(inputs[1]), "-o", str(out), "--weights", str(weights),
-            "--steps", str(opts.steps), "--batch", str(opts.batch), "--device", opts.device, "--track", opts.track]
-    if variant == "cli_ray":
+            "--steps", str(opts.steps), "--batch", str(opts.batch), "--device", opts.device, "--track", opts.track,
+            "--keep-work"]
+    if ray_run:
         cmd += ["--ray", "--ray-workers", str(ray_opts.workers or 1)]
         if ray_opts.cpus_per_worker:
             cmd += ["--ray-cpus-per-worker", str(ray_opts.cpus_per_worker)]
@@ -158,8 +160,15 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
     m = re.search(r"done: (\d+) frames .* in ([\d.]+)s", text)
     row = dict(variant=variant, frames=int(m.group(1)), job_s=job_s, job_fps=int(m.group(1)) / job_s,
                run_s=float(m.group(2)))  # run_s: inside run(), after the process's start and imports
+    import hashlib
     import json
 
+    work = out.parent / f".{out.name}.work" / "frames"
+    digest = hashlib.sha256()
+    for png in sorted(work.glob("*.png")):  # the rendered frames, what the video is encoded from
+        digest.update(png.read_bytes())
+    row["frames_sha256"] = digest.hexdigest()[:16]
+    shutil.rmtree(work.parent, ignore_errors=True)
     for name, blob in re.findall(r"^BENCH (stages|workers) (.*)$", text, flags=re.M):
         row[name] = json.loads(blob)
     ready = re.search(r"ray: worker 0 ready after ([\d.]+)s \((.*)\)", text)
@@ -223,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="frames per batch (default 16; tiny: 4)")
     ap.add_argument("--steps", type=int, default=None, help="DPM++ steps (default 25; tiny: 2)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per variant, interleaved (default 2)")
+    ap.add_argument("--workers", default="1",
+                    help="Ray workers (GPUs) for cli_ray, a comma list to compare in one run, e.g. 1,2 "
+                         "(rows cli_ray_x1, cli_ray_x2; default 1)")
     ap.add_argument("--variants", default="cli_direct,cli_ray,direct_warm,ray_warm",
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
@@ -242,6 +254,7 @@ def main(argv=None) -> int:
     from retarget.scale.options import RayOptions
 
     variants = [v for v in args.variants.split(",") if v]
+    worker_counts = [int(n) for n in args.workers.split(",") if n]
     if set(variants) - set(VARIANTS):
         ap.error(f"--variants: choose from {', '.join(VARIANTS)}")
     tiny = args.tiny or not torch.cuda.is_available()
@@ -282,6 +295,15 @@ def main(argv=None) -> int:
         for k in range(args.repeat):
             for variant in variants:
                 out = work / f"{variant}{k}.mp4"
+                if variant == "cli_ray" and len(worker_counts) > 1:
+                    for n in worker_counts:
+                        name = f"cli_ray_x{n}"
+                        row = cli_job(name, inputs, opts, weights, dataclasses.replace(ray_opts, workers=n),
+                                      work / f"{name}{k}.mp4", faces)
+                        row.update(run=k, workers=n)
+                        rows.append(row)
+                        print(f"{name:11s} run {k}: job {row['job_s']:7.1f}s {row['job_fps']:7.2f} frames/s", flush=True)
+                    continue
                 if variant.startswith("cli_"):
                     row = cli_job(variant, inputs, opts, weights, ray_opts, out, faces)
                 else:
@@ -297,6 +319,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
     metrics = ("job_fps", "render_fps")
     med = {v: {m: float(np.median([r[m] for r in rows if r["variant"] == v])) for m in metrics
                if all(m in r for r in rows if r["variant"] == v)} for v in variants}
@@ -305,12 +328,22 @@ def main(argv=None) -> int:
         render = f"{med[v]['render_fps']:16.2f}" if "render_fps" in med[v] else f"{'-':>16s}"
         print(f"{v:12s} {med[v]['job_fps']:14.2f} {render}")
     over = {}
-    for kind, (d, r) in (("command", ("cli_direct", "cli_ray")), ("cold", ("direct", "ray")),
+    ray_cli = "cli_ray" if "cli_ray" in med else f"cli_ray_x{worker_counts[0]}"
+    for kind, (d, r) in (("command", ("cli_direct", ray_cli)), ("cold", ("direct", "ray")),
                          ("warm", ("direct_warm", "ray_warm"))):
         if d in med and r in med:
             over[kind] = {m: med[d][m] / med[r][m] - 1 for m in metrics if m in med[d] and m in med[r]}
             stage = (f", render stage {over[kind]['render_fps'] * 100:+.1f}%" if "render_fps" in over[kind] else "")
             print(f"Ray overhead, {kind}: job {over[kind]['job_fps'] * 100:+.1f}%{stage} (target <= 5%)")
+    if len(worker_counts) > 1 and "cli_ray" in args.variants.split(","):
+        one = med[f"cli_ray_x{worker_counts[0]}"]["job_fps"]
+        over["scaling"] = {f"x{n}": med[f"cli_ray_x{n}"]["job_fps"] / one for n in worker_counts}
+        print("Ray scaling (job frames/s vs " + f"{worker_counts[0]} worker): " +
+              ", ".join(f"{n} workers {v:.2f}x" for n, v in zip(worker_counts, over["scaling"].values())))
+    hashes = {r["frames_sha256"] for r in rows if "frames_sha256" in r}
+    identical = len(hashes) == 1 if hashes else None
+    if hashes:
+        print(f"rendered frames identical across the fresh-process jobs: {identical}")
     starts = [r["worker_start"] for r in rows if "worker_start" in r]
     if starts:
         print("cold worker start (median s): " + ", ".join(
@@ -320,7 +353,7 @@ def main(argv=None) -> int:
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
                 host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
-                overhead=over, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
+                overhead=over, frames_identical=identical, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{info['date']}.json"
