@@ -58,6 +58,8 @@ def report_from_inside() -> None:
     from retarget.run import RunSummary
     from retarget.scale.pool import RayPool
 
+    print("BENCH host " + json.dumps(dict(load_average_at_start=os.getloadavg()[0])), flush=True)
+
     line = RunSummary.line
 
     def line_with_stages(self):
@@ -76,6 +78,16 @@ def report_from_inside() -> None:
         close(self)
 
     RayPool.close = close_with_stats
+    settle = RayPool._settle_start
+
+    def settle_with_load(self, ref):
+        i = self._starting.get(ref)
+        settle(self, ref)
+        if i in self.ready:
+            print("BENCH worker-ready " + json.dumps(dict(load_average=self.ready[i].get("load_average"),
+                                                          start=self.ready[i].get("start"))), flush=True)
+
+    RayPool._settle_start = settle_with_load
 
 
 if __name__ == "__main__":

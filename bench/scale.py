@@ -169,7 +169,7 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
         digest.update(png.read_bytes())
     row["frames_sha256"] = digest.hexdigest()[:16]
     shutil.rmtree(work.parent, ignore_errors=True)
-    for name, blob in re.findall(r"^BENCH (stages|workers) (.*)$", text, flags=re.M):
+    for name, blob in re.findall(r"^BENCH (stages|workers|worker-ready|host) (.*)$", text, flags=re.M):
         row[name] = json.loads(blob)
     ready = re.search(r"ray: worker 0 ready after ([\d.]+)s \((.*)\)", text)
     if ready:

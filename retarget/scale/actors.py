@@ -77,6 +77,8 @@ class FrameRenderer:
         self.pipe._face_backend().detect(np.zeros((64, 64, 3), np.uint8))
         marks["ready"] = time.time()
         self.marks = marks
+        # The host's 1-minute load average when ready: a slow start on a busy host shows here.
+        self.load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         self.key: str | None = None
         self.rendering = None
         self.batches = 0  # of the current job, in this process
@@ -97,7 +99,7 @@ class FrameRenderer:
         except ImportError:  # used without Ray
             pass
         return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device, dtype=self.dtype, gpus=gpus,
-                    actor_id=actor_id, marks=dict(self.marks),
+                    actor_id=actor_id, marks=dict(self.marks), load_average=self.load_average,
                     auto_batch=auto_batch(self.device, self.pipe.image_size), image_size=self.pipe.image_size)
 
     def prepare(self, job: dict, export: bool = True):
