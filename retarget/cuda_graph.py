@@ -86,9 +86,22 @@ class StaticStep:
         return self.out.clone()  # the next replay overwrites the graph's output
 
 
-def _ip_scales(unet) -> tuple:
-    return tuple(tuple(p.scale) if isinstance(p.scale, (list, tuple)) else (p.scale,)
-                 for p in unet.attn_processors.values() if hasattr(p, "to_k_ip"))
+class _IPScales:
+    """The Expression Adapter scales of a UNet's attn2 processors (Python numbers a graph freezes), read
+    from the processors found once; found again when a processor was replaced (e.g. adapters reloaded)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.pairs: list = []
+
+    def _find(self) -> None:
+        self.pairs = [(m, m.processor) for m in self.unet.modules()
+                      if hasattr(m, "processor") and hasattr(m.processor, "to_k_ip")]
+
+    def __call__(self) -> tuple:
+        if not self.pairs or any(m.processor is not p for m, p in self.pairs):
+            self._find()
+        return tuple(tuple(p.scale) if isinstance(p.scale, (list, tuple)) else (p.scale,) for _, p in self.pairs)
 
 
 class GraphedUNet:
@@ -107,6 +120,7 @@ class GraphedUNet:
         self.extra_key: tuple = ()
         self.pool = None
         self.replays = 0
+        self._ip_scales = _IPScales(unet)
 
     def signature(self, sample, timestep, prompt, embeds) -> tuple | None:
         """The key of the graph that serves these inputs, or None when they must run eager."""
@@ -121,7 +135,7 @@ class GraphedUNet:
             return None
         return (tuple(sample.shape), sample.dtype, str(sample.device), tuple(timestep.shape), timestep.dtype,
                 tuple(prompt.shape), prompt.dtype, tuple(tuple(e.shape) for e in embeds),
-                state.mode, state.read_from, kv, fused, _ip_scales(self.unet),
+                state.mode, state.read_from, kv, fused, self._ip_scales(),
                 self.unet.conv_in.weight.data_ptr(), self.extra_key)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False,
@@ -143,7 +157,10 @@ class GraphedUNet:
                 except Exception as e:  # noqa: BLE001 - any capture failure means: run this shape eager
                     self.failed[key] = f"{e.__class__.__name__}: {e}"
                     if sample.device.type == "cuda":
-                        torch.cuda.synchronize()
+                        try:  # let the failed capture's work finish before the eager call
+                            torch.cuda.synchronize()
+                        except Exception:  # noqa: BLE001
+                            pass
                     if not self.warned:
                         self.warned = True
                         warnings.warn(f"CUDA graph capture failed ({self.failed[key][:200]}); the UNet runs "

@@ -424,8 +424,8 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
 
         bank = actor.bank.to(device, dtype) if use_ref else None
         unet = self.unet if self._compiled_unet is None else self._compiled_unet
-        with kernels.denoising(self, unet) as unet, \
-                ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet):
+        with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet), \
+                kernels.denoising(self, unet) as unet:
             for t in self.progress_bar(sched.timesteps):
                 x = torch.cat([latents] * 2) if cfg else latents
                 x = sched.scale_model_input(x, t)

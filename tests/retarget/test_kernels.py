@@ -263,3 +263,23 @@ def test_fp8_swap_plumbing(kpipe, actor, expressions):
     kpipe._kernel_state.fp8 = Fp8Linears(quantize=to_bf16)
     got = _call(kpipe, actor, expressions)
     assert 0 < np.abs(got - want).max() < 0.05
+
+
+def test_graph_signature_follows_the_settings_a_graph_freezes(kpipe, actor):
+    """A new Expression Adapter scale or LoRA strength is a new signature (a captured graph would have frozen
+    the old one), and the static path still equals the plain call."""
+    state = kpipe.reference_state
+    runner = GraphedUNet(kpipe.unet, state, capture=False)
+    x, t, prompt, embeds = _unet_inputs(kpipe, actor, 1, 500, 4)
+    keys = []
+    try:
+        for exp_scale, strength in [(1.0, 0.8), (0.5, 0.8), (0.5, 0.4)]:
+            kpipe._use_loras({"reference": strength})
+            kpipe.set_ip_adapter_scale(exp_scale)
+            with torch.no_grad(), reading(state, actor.bank, read_from=0, unet=kpipe.unet):
+                keys.append(runner.signature(x, t, prompt, embeds))
+                got = runner(x, t, encoder_hidden_states=prompt, added_cond_kwargs={"image_embeds": embeds})[0]
+                assert torch.equal(got, _plain(kpipe, x, t, prompt, embeds))
+    finally:
+        kpipe.set_ip_adapter_scale(1.0)
+    assert len(set(keys)) == 3 and len(runner.steps) == 3
