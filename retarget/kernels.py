@@ -112,7 +112,10 @@ def attention_backend(name: str, device: torch.device | str):
     if name == "math":
         return sdpa_kernel([enum["math"]])
     order = [enum[name]] + [enum[n] for n in DEFAULT_ORDER if n != name]
-    return sdpa_kernel(order, set_priority=True)
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: the kernel, with math as the safety net
+        return sdpa_kernel([enum[name], enum["math"]])
 
 
 def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
