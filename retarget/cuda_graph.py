@@ -38,7 +38,7 @@ class StaticStep:
     def __init__(self, unet, state, sample, timestep, prompt, embeds):
         self.unet, self.state = unet, state
         self.sample = sample.clone()
-        self.timestep = timestep.clone()
+        self.timestep = timestep.to(sample.device).clone()  # a CPU timestep would be a captured host copy
         self.prompt = prompt.clone()
         self.embeds = [e.clone() for e in embeds]
         # the bank's keys/values as the graph reads them; state.kv entries are swapped for these
@@ -73,7 +73,8 @@ class StaticStep:
                 self._eager()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: other threads' CUDA work (a job's overlapped stages) may go on during the capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = self._eager()
         self.graph, self.out = graph, out
 
