@@ -33,7 +33,11 @@ seed, 8 steps) is printed in the kernel table and stored in the JSON ("kernels")
 torch's dispatcher picks for the UNet's attention shapes under each preference ("sdpa_choice") and a VAE
 decode breakdown: chunk sizes, NHWC, cuDNN autotuning, fp32, and the decode's time by operator ("vae_decode").
 
-    python bench/pipeline.py --variants fused_kv,channels_last,sdpa_flash,cuda_graph,fp8 --batches 1,8,32 --deadline 380
+    # GPU, every kernel variant once (~5 min on an H200; fp8 needs torchao installed, else its rows say so):
+    python bench/pipeline.py --batches 1,8,32 --deadline 380 --variants fused_kv,channels_last,sdpa_cudnn,\
+        sdpa_flash,sdpa_efficient,cuda_graph,cudnn_benchmark,vae_channels_last,vae_fp32,fp8
+    # CPU smoke run of the same code (CUDA-only variants report their clear error in their rows):
+    python bench/pipeline.py --tiny --batches 2 --variants fused_kv,channels_last,sdpa_math,cuda_graph,vae_fp32,fp8
 
 Variants are interleaved per (mode, B) so that clock drift hits them alike. The GPU run also checks that
 the variants give the same frames (fp16 pixel differences against the baseline).
