@@ -439,7 +439,10 @@ def main(argv=None) -> int:
         import kernel_bench
 
         extra["sdpa_choice"] = kernel_bench.sdpa_choices(pipe, actor)
-        extra["vae_decode"] = kernel_bench.vae_decode(pipe, lat, lambda fn, n: timed(fn, device, n), sync=lambda: sync(device))
+        s = pipe.unet.config.sample_size
+        lat_dec = torch.randn(max(batches), 4, s, s, device=device, dtype=dtype)  # room for large decode chunks
+        extra["vae_decode"] = kernel_bench.vae_decode(pipe, lat_dec, lambda fn, n: timed(fn, device, n),
+                                                      sync=lambda: sync(device))
         extra["kernels"] = kernel_bench.kernel_table(rows, same, variants, KERNEL_VARIANTS)
         save()
 
