@@ -19,6 +19,26 @@ once-per-video costs (identity embedding, reference VAE encode, writer pass) and
                VAE-encodes its B reference frames and runs the writer once on them (pipe.frame_references);
                its ratio to fused_kv is the cost of per-frame references
 
+Kernel variants (retarget/kernels.py, each one switch of `pipe.kernels` on top of fused_kv, the default,
+measured alone against fused_kv in the same run; fused_kv is added when missing):
+
+    channels_last      UNet and VAE in NHWC          sdpa_cudnn / sdpa_flash / sdpa_efficient / sdpa_math
+    cuda_graph         fast mode only: one captured UNet step per batch shape, replayed
+    cudnn_benchmark    cuDNN autotuning for the loop and the decode
+    vae_channels_last / vae_fp32   fast mode only (where the decode weighs): NHWC VAE / float32 decode
+    fp8                torchao FP8 attention and feed-forward Linears (needs torchao and an sm89+ GPU)
+
+Each kernel variant's deviation from fused_kv (max abs, mean abs, PSNR of the decoded frames, B=2, same
+seed, 8 steps) is printed in the kernel table and stored in the JSON ("kernels"); so are the SDPA kernel
+torch's dispatcher picks for the UNet's attention shapes under each preference ("sdpa_choice") and a VAE
+decode breakdown: chunk sizes, NHWC, cuDNN autotuning, fp32, and the decode's time by operator ("vae_decode").
+
+    # GPU, every kernel variant once (~5 min on an H200; fp8 needs torchao installed, else its rows say so):
+    python bench/pipeline.py --batches 1,8,32 --deadline 380 --variants fused_kv,channels_last,sdpa_cudnn,\
+        sdpa_flash,sdpa_efficient,cuda_graph,cudnn_benchmark,vae_channels_last,vae_fp32,fp8
+    # CPU smoke run of the same code (CUDA-only variants report their clear error in their rows):
+    python bench/pipeline.py --tiny --batches 2 --variants fused_kv,channels_last,sdpa_math,cuda_graph,vae_fp32,fp8
+
 Variants are interleaved per (mode, B) so that clock drift hits them alike. The GPU run also checks that
 the variants give the same frames (fp16 pixel differences against the baseline).
 """
@@ -50,6 +70,19 @@ SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+KERNEL_VARIANTS = {  # name -> pipe.kernels fields set on top of the default (fused_kv)
+    "channels_last": dict(channels_last=True, vae_channels_last=True),
+    "sdpa_cudnn": dict(attention_backend="cudnn"),
+    "sdpa_flash": dict(attention_backend="flash"),
+    "sdpa_efficient": dict(attention_backend="efficient"),
+    "sdpa_math": dict(attention_backend="math"),
+    "cuda_graph": dict(cuda_graph=True),
+    "cudnn_benchmark": dict(cudnn_benchmark=True),
+    "vae_channels_last": dict(vae_channels_last=True),
+    "vae_fp32": dict(vae_upcast=True),
+    "fp8": dict(fp8=True),
+}
+FAST_MODE_ONLY = {"cuda_graph", "vae_channels_last", "vae_fp32"}
 REF_LORA_RANK = 32  # the release's rank is not documented; LoRA cost is small either way
 LCM_LORA_RANK = 64  # latent-consistency/lcm-lora-sdv1-5
 
@@ -181,7 +214,7 @@ def main(argv=None) -> int:
                     help="see the module docstring")
     ap.add_argument("--compile-batches", default="1,8", help="batch sizes for the compiled variant (GPU only)")
     ap.add_argument("--deadline", type=float, default=1e9,
-                    help="seconds after start past which no further compiled batch is started")
+                    help="seconds after start past which no further measurement (or compiled batch) is started")
     ap.add_argument("--accuracy", action="store_true", help="only: each variant in fp16 against fp32, then exit")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -250,6 +283,12 @@ def main(argv=None) -> int:
         "lcm4_ref": dict(scheduler="lcm", steps=4, guidance=1.0, ref_strength=0.8),
     }
     variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in KERNEL_VARIANTS
+               and v not in ("baseline", "fused", "fused_kv", "per_frame_ref", "compiled")]
+    if unknown:
+        ap.error(f"unknown variants {unknown}")
+    if any(v in KERNEL_VARIANTS for v in variants) and "fused_kv" not in variants:
+        variants.insert(0, "fused_kv")  # kernel variants are measured against the default
     compile_batches = [int(b) for b in args.compile_batches.split(",") if b] if device.type == "cuda" else []
     rows: list[dict] = []
     extra: dict = {}
@@ -259,9 +298,12 @@ def main(argv=None) -> int:
 
     def use(variant: str):
         """Switch the pipeline to `variant` (see the module docstring)."""
+        from retarget.kernels import KernelOptions
+
         pipe.unfuse_loras()
         pipe.fuse_loras = variant != "baseline"
-        pipe.reference_state.fast = variant in ("fused_kv", "compiled", "per_frame_ref")
+        pipe.reference_state.fast = variant in ("fused_kv", "compiled", "per_frame_ref") or variant in KERNEL_VARIANTS
+        pipe.kernels = KernelOptions(**KERNEL_VARIANTS.get(variant, {}))
         if variant == "compiled":
             if pipe._compiled_unet is None:
                 pipe.compile_unet("reduce-overhead", dynamic=False)
@@ -276,6 +318,10 @@ def main(argv=None) -> int:
         return pipe(who, expr, **call)
 
     def measure(mode: str, b: int, variant: str = "baseline", **call):
+        if time.perf_counter() - t_start > args.deadline:
+            rows.append(dict(mode=mode, variant=variant, batch=b, error=f"skipped: past the {args.deadline:.0f} s deadline"))
+            print(f"{mode:16s} {variant:9s} B={b:3d}  skipped (deadline)", flush=True)
+            return
         use(variant)
         expr = np.random.default_rng(b).standard_normal((b, 55)).astype(np.float32)
         try:
@@ -308,21 +354,27 @@ def main(argv=None) -> int:
     same = {}
     for mode, call in modes.items():
         outs = {}
-        for variant in [v for v in variants if v != "compiled"]:
+        for variant in [v for v in variants if v != "compiled" and runs_in(v, mode)]:
             use(variant)
             who = actor
             if variant == "per_frame_ref":  # every row's reference the fixed one: the same frames
                 who = pipe.frame_references(actor, np.stack([ref_img] * len(expr2)), seed=0)
-            outs[variant] = pipe(who, expr2, seed=3, **dict(call, steps=min(call["steps"], 8)), output_type="float")
+            try:
+                outs[variant] = pipe(who, expr2, seed=3, **dict(call, steps=min(call["steps"], 8)), output_type="float")
+            except Exception as e:  # a variant this machine cannot run (CUDA-only kernel, no torchao): noted, not fatal
+                same[f"{mode}/{variant}"] = {"error": f"{e.__class__.__name__}: {str(e)[:300]}"}
         first = "baseline" if "baseline" in outs else next(iter(outs), None)  # (--variants without baseline)
         for variant, out in outs.items():
-            if variant != first:
-                d = np.abs(out - outs[first])
-                same[f"{mode}/{variant}"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "vs": first,
+            ref_variant = "fused_kv" if variant in KERNEL_VARIANTS else first
+            if variant != ref_variant and ref_variant in outs:
+                d = np.abs(out - outs[ref_variant])
+                same[f"{mode}/{variant}"] = {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "vs": ref_variant,
+                                             "psnr_db": psnr(out, outs[ref_variant]),
                                              "max_uint8": int(np.abs(np.round(out * 255) - np.round(outs[first] * 255)).max())}
     extra["equality_vs_baseline_8_steps"] = same
     print("frames vs baseline (8 steps, pixels in [0, 1]): " + ", ".join(
-        f"{k} max {v['max_abs']:.2e} mean {v['mean_abs']:.2e}" for k, v in same.items()), flush=True)
+        f"{k} max {v['max_abs']:.2e} mean {v['mean_abs']:.2e}" if "error" not in v else f"{k} {v['error'][:80]}"
+        for k, v in same.items()), flush=True)
 
     # cost of (re)folding the LoRA when the strength changes
     use("fused")
@@ -341,7 +393,7 @@ def main(argv=None) -> int:
     for mode, call in modes.items():
         for b in batches:
             for variant in variants:
-                if variant != "compiled":
+                if variant != "compiled" and runs_in(variant, mode):
                     measure(mode, b, variant, **call)
 
     # the cost of a reference per frame, per (mode, B): fused_kv time / per_frame_ref time
@@ -378,9 +430,21 @@ def main(argv=None) -> int:
                 save()
         use("fused_kv")
 
+    use("fused_kv")
     lat = torch.randn(vb, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size, device=device, dtype=dtype)
     pipe.decode(lat[:1])
     decode_ms = 1e3 * timed(lambda: pipe.decode(lat), device, 2) / vb
+
+    if any(v in KERNEL_VARIANTS for v in variants):
+        import kernel_bench
+
+        extra["sdpa_choice"] = kernel_bench.sdpa_choices(pipe, actor)
+        s = pipe.unet.config.sample_size
+        lat_dec = torch.randn(max(batches), 4, s, s, device=device, dtype=dtype)  # room for large decode chunks
+        extra["vae_decode"] = kernel_bench.vae_decode(pipe, lat_dec, lambda fn, n: timed(fn, device, n),
+                                                      sync=lambda: sync(device))
+        extra["kernels"] = kernel_bench.kernel_table(rows, same, variants, KERNEL_VARIANTS)
+        save()
 
     ok = [r for r in rows if r.get("mode") == "dpm++25_cfg_ref" and "error" not in r]
     achieved = {}
@@ -394,10 +458,25 @@ def main(argv=None) -> int:
                  achieved_unet_tflops_at_best_batch=achieved, vae_decode_ms_per_frame=decode_ms)
     save()
     print_table(rows, variants)
+    if "kernels" in extra:
+        import kernel_bench
+
+        kernel_bench.print_kernels(extra)
     print(f"VAE decode {decode_ms:.1f} ms/frame; "
           + ", ".join(f"{v}: {a['tflops']:.0f} TFLOP/s UNet at B={a['batch']}" for v, a in achieved.items()))
     print(f"wrote {out_path}")
     return 0
+
+
+def runs_in(variant: str, mode: str) -> bool:
+    """Fast-mode-only variants (CUDA graphs, VAE-only switches) are measured in the LCM mode alone."""
+    return variant not in FAST_MODE_ONLY or mode.startswith("lcm")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of images a against b, floats in [0, 1]; None when they are equal."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return None if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
 def write_json(path: Path, data: dict) -> None:

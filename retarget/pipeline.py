@@ -17,7 +17,7 @@ from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from render.errors import RetargetError
-from retarget import components
+from retarget import components, kernels
 from retarget.adapters import expression as exp_adapter
 from retarget.adapters import fusion
 from retarget.adapters import reference as ref_adapter
@@ -86,6 +86,9 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         # fold the call's LoRA scales into the weights for the loop, re-folded when they change.
         self.fuse_loras = True
         self._compiled_unet = None
+        # Kernel switches (retarget/kernels.py), all off by default; bench/pipeline.py measures each.
+        self.kernels = kernels.KernelOptions()
+        self._kernel_state = kernels.KernelState()
         self.set_progress_bar_config(disable=True)  # callers show progress per batch of frames
 
     # ------------------------------------------------------------------ construction
@@ -192,6 +195,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
     def to(self, *args, **kwargs):
         # Moving while fused would leave the wrappers' LoRA tensors (out of the module tree) behind.
         fusion.unfuse(self.unet)
+        self._kernel_state.reset()  # graphs, FP8 copies, the fp32 VAE belong to the old placement
         return super().to(*args, **kwargs)
 
     def compile_unet(self, mode: str | None = "reduce-overhead", **kwargs) -> None:
@@ -420,7 +424,8 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
 
         bank = actor.bank.to(device, dtype) if use_ref else None
         unet = self.unet if self._compiled_unet is None else self._compiled_unet
-        with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet):
+        with ref_adapter.reading(self.reference_state, bank, read_from=b if cfg else 0, unet=self.unet), \
+                kernels.denoising(self, unet) as unet:
             for t in self.progress_bar(sched.timesteps):
                 x = torch.cat([latents] * 2) if cfg else latents
                 x = sched.scale_model_input(x, t)
@@ -441,10 +446,11 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
     def decode(self, latents: torch.Tensor, batch: int = 8) -> np.ndarray:
         """VAE-decode (B, 4, h, w) latents in chunks of `batch` frames -> (B, H, W, 3) float32 in [0, 1]."""
         out = []
-        for i in range(0, latents.shape[0], max(1, batch)):
-            z = latents[i:i + batch] / self.vae.config.scaling_factor
-            img = self.vae.decode(z, return_dict=False)[0]
-            out.append((img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy())
+        with kernels.decoding(self, batch) as (vae, batch):
+            for i in range(0, latents.shape[0], batch):
+                z = latents[i:i + batch].to(vae.dtype) / vae.config.scaling_factor
+                img = vae.decode(z, return_dict=False)[0]
+                out.append((img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy())
         return np.concatenate(out)
 
 
