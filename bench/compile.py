@@ -3,7 +3,8 @@ the padded last batch, in one run on full-size random weights in the real archit
 `build`: SD 1.5 UNet, VAE, CLIP-L, adapters and LoRAs at the release's sizes).
 
     python bench/compile.py            # GPU, fp16, B=32: table + bench/results/compile_<gpu>_<date>.json
-    python bench/compile.py --tiny     # CPU smoke run on the tiny weights (inductor, quality mode only)
+    python bench/compile.py --tiny     # CPU smoke run on the tiny weights (aot_eager, quality mode only)
+    python bench/compile.py --tiny --backend inductor   # the same with inductor's C++ compile (an idle CPU)
 
 Three fresh subprocesses share one compile folder (retarget.compiling.CompileCache, the code `retarget run`
 uses, with its padded batches):
@@ -20,9 +21,12 @@ uses, with its padded batches):
               machine (or a Ray worker) saves
 
 Modes: quality = DPM++ 25 steps + CFG + reference bank (the release's settings), fast = LCM 4 steps +
-reference. The GPU run is sized to stay under ~6 minutes on an H100/H200 (two cold compiles of 60-90 s).
---tiny uses inductor on the CPU too (~90 s cold for the tiny UNet on a 2-core CPU; hence quality only):
-its numbers test the machinery, not speed.
+reference. The GPU run is sized to stay under ~6.5 minutes on an H100/H200 (two cold compiles of 60-90 s; --budget
+460 s stops it in any case, the portable phase first).
+--tiny uses backend aot_eager by default (dynamo's capture and AOTAutograd, run eagerly; no inductor cache,
+so cold ~ warm and no portable artifacts): inductor's C++ compile of the tiny UNet took 93 s cold / 8 s warm
+on an idle 2-core CPU and over 8 minutes cold at load 7 (other jobs), too slow for a smoke run; `--backend
+inductor` measures it. Tiny numbers test the machinery, not speed.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def worker(args) -> dict:
         key = shape_key(torch_version=torch.__version__, gpu=gpu, dtype=str(dtype), batch=b, call=call,
                         image_size=pipe.image_size, mode=TORCH_MODE if device.type == "cuda" else "default")
         compiled = CompiledBatches(pipe, b, key, cache, log=lambda m: print(f"  [{args.phase}] {m}", flush=True),
-                                   mode=TORCH_MODE if device.type == "cuda" else "default")
+                                   mode=TORCH_MODE if device.type == "cuda" else "default", backend=args.backend)
         torch._dynamo.reset()
         compiled.enable()
         first = timed(lambda: frames(full, short, compiled))
@@ -147,8 +151,10 @@ def run_phase(phase: str, cache: Path, args, part: Path, timeout: float) -> dict
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", phase, "--cache", str(cache),
            "--part", str(part), "--batch", str(args.batch), "--steps", str(args.steps), "--repeat", str(args.repeat),
-           "--modes", args.modes] + (["--tiny"] if args.tiny else [])
+           "--modes", args.modes, "--backend", args.backend] + (["--tiny"] if args.tiny else [])
     t = time.perf_counter()
+    if timeout <= 0:
+        return {"phase": phase, "error": "skipped: no time left in the budget"}
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -167,7 +173,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="quality-mode steps for the timings (default 25; tiny 3)")
     ap.add_argument("--repeat", type=int, default=2, help="timed calls per variant (median)")
     ap.add_argument("--modes", default=None, help="comma-separated: quality,fast (tiny: quality)")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds after which the portable phase is skipped")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for the whole run: phases are stopped at it, the portable one skipped when "
+                         "less than 80 s are left (default 460: a 10-minute GPU lease with room; tiny: 900)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -176,6 +185,8 @@ def main(argv=None) -> int:
     args.batch = args.batch or (4 if args.tiny else 32)
     args.steps = args.steps or (3 if args.tiny else 25)
     args.modes = args.modes or ("quality" if args.tiny else "quality,fast")
+    args.backend = args.backend or ("aot_eager" if args.tiny else "inductor")
+    args.budget = args.budget or (900.0 if args.tiny else 460.0)
     if args.worker:
         args.phase = args.worker
         result = worker(args)
@@ -193,12 +204,16 @@ def main(argv=None) -> int:
     phases = {}
     try:
         cache = work / "cache"
-        phases["cold"] = run_phase("cold", cache, args, work / "cold.json", timeout=480)
-        phases["warm"] = run_phase("warm", cache, args, work / "warm.json", timeout=240)
-        if time.perf_counter() - t_start < args.budget and (cache / "artifacts").is_dir():
+        def left() -> float:
+            return args.budget - (time.perf_counter() - t_start)
+
+        # the cold run leaves the warm one >= 100 s of the budget
+        phases["cold"] = run_phase("cold", cache, args, work / "cold.json", timeout=left() - 100)
+        phases["warm"] = run_phase("warm", cache, args, work / "warm.json", timeout=left())
+        if left() > 80 and any((cache / "artifacts").glob("*.bin")):
             portable = work / "portable"
             shutil.copytree(cache / "artifacts", portable / "artifacts")
-            phases["portable"] = run_phase("portable", portable, args, work / "portable.json", timeout=240)
+            phases["portable"] = run_phase("portable", portable, args, work / "portable.json", timeout=left())
         else:
             phases["portable"] = {"phase": "portable", "error": "skipped: past the time budget or no artifacts"}
     finally:
@@ -214,6 +229,7 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tiny": args.tiny,
         "batch": args.batch, "quality_steps": args.steps, "repeat": args.repeat,
         "compile_mode": "reduce-overhead" if not args.tiny else "default (CPU: no CUDA graphs)",
+        "backend": args.backend,
         "notes": "random weights in the real architectures (bench/pipeline.py build); ms/frame include VAE decode "
                  "and uint8 output; compile_s = first compiled call minus a steady one (2 steps, same padded "
                  "shape); cold: empty cache folder; warm: same folder, new process; portable: new folder with "
@@ -236,7 +252,7 @@ def print_table(result: dict) -> None:
     phases = result["phases"]
     cold = phases.get("cold", {}).get("modes", {})
     print(f"\n{result['gpu']}, torch {result['torch']}, {result['dtype']}, B={result['batch']}, "
-          f"{result['compile_mode']}")
+          f"{result['backend']}, {result['compile_mode']}")
     print(f"{'mode':8s} {'eager ms/f':>10s} {'compiled':>9s} {'x':>5s} {'cold s':>7s} {'warm s':>7s} "
           f"{'portable s':>10s} {'new graphs':>10s} {'max |d|':>8s} {'uint8':>5s}")
     for mode, row in cold.items():

@@ -299,3 +299,31 @@ def test_a_failing_compile_falls_back_not_crashes(tmp_path, monkeypatch, fails):
     # errors after the first call are the job's, not the compiler's
     with pytest.raises(ValueError):
         run.render(lambda idx: (_ for _ in ()).throw(ValueError("bad")), [0])
+
+
+def test_setup_wires_the_choice_into_the_rendering(tmp_path, monkeypatch):
+    """setup(): on the CPU nothing changes (and a kept pipeline's compiled UNet is undone); on a GPU,
+    "on" wraps the UNet with inductor's reduce-overhead mode, auto for a short clip stays eager."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "x"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    pipe = _FakePipe()
+    pipe.image_size = 512
+    pipe._compiled_unet = object()  # compiled by an earlier job of a kept pipeline
+    call = dict(scheduler="dpm++", steps=25, guidance=3.0, ref_strength=0.8)
+
+    def rendering(device):
+        return SimpleNamespace(pipe=pipe, device=device, dtype=torch.float16, call=call, render_batches=None)
+
+    r = rendering("cpu")
+    assert not compiling.setup(r, "auto", frames=10_000, batch=32, cache=CompileCache(tmp_path / "c")).on
+    assert r.compiled is None and r.compile_note == "" and pipe._compiled_unet is None
+    r = rendering("cuda")
+    compiling.setup(r, "on", frames=10, batch=32, log=lambda *_: None, cache=CompileCache(tmp_path / "c"))
+    assert isinstance(r.compiled, CompiledBatches) and r.compiled.batch == 32 and pipe.compiles[-1] == "reduce-overhead"
+    assert compiling.summary_note(r) == "compiled (--compile on)"
+    r = rendering("cuda")
+    choice = compiling.setup(r, "auto", frames=10, batch=32, cache=CompileCache(tmp_path / "c"))
+    assert not choice.on and r.compiled is None and pipe._compiled_unet is None
+    assert compiling.summary_note(r).startswith("eager (auto: compile would not pay for 10 frames")
