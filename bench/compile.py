@@ -11,7 +11,7 @@ uses, with its padded batches):
 
     cold      empty folder: per mode, eager ms/frame (median of --repeat calls at --steps), then the compile
               (first compiled call minus a steady one of the same shape) and compiled ms/frame; then a clip of
-              B + 5 frames (one full batch, one short batch padded to B): new graphs compiled for the short
+              B + 5 frames (tiny B=4: 4 + 3; one full batch, one short batch padded to B): new graphs compiled for the short
               batch (0 = one compiled shape serves the clip) and the max pixel deviation compiled vs eager
               (fp16 on the GPU; the short batch's eager frames rendered unpadded)
     warm      a second process on the same folder: compile seconds with inductor's FX graph, AOTAutograd and
@@ -75,7 +75,8 @@ def worker(args) -> dict:
                             rng.integers(0, 256, (pipe.image_size, pipe.image_size, 3), dtype=np.uint8), seed=0)
     build_s = time.perf_counter() - t
     b = args.batch
-    clip = (rng.standard_normal((b + 5, 55)) * 0.8).astype(np.float32)
+    n_short = max(1, min(5, b - 1))  # the clip's last batch: shorter than b, padded to it
+    clip = (rng.standard_normal((b + n_short, 55)) * 0.8).astype(np.float32)
     cache = CompileCache(args.cache)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     out: dict = {"phase": args.phase, "build_s": build_s, "modes": {}}
@@ -120,17 +121,17 @@ def worker(args) -> dict:
             check = dict(call, steps=min(8, call["steps"]))
             got_full = frames(full, check, compiled, output_type="float")
             before = counters["stats"]["unique_graphs"]
-            got_short = frames(list(range(b, b + 5)), check, compiled, output_type="float")
+            got_short = frames(list(range(b, b + n_short)), check, compiled, output_type="float")
             new_graphs = counters["stats"]["unique_graphs"] - before
             pipe.compile_unet(None)
             ref_full = frames(full, check, output_type="float")
-            ref_short = frames(list(range(b, b + 5)), check, output_type="float")
+            ref_short = frames(list(range(b, b + n_short)), check, output_type="float")
 
             def dev(a, r):
                 return {"max_abs": float(np.abs(a - r).max()), "mean_abs": float(np.abs(a - r).mean()),
                         "max_uint8": int(np.abs(np.round(a * 255) - np.round(r * 255)).max())}
 
-            row["padded_clip"] = {"frames": b + 5, "batch": b, "steps": check["steps"],
+            row["padded_clip"] = {"frames": b + n_short, "batch": b, "steps": check["steps"],
                                   "new_graphs_for_short_batch": int(new_graphs),
                                   "compiled_vs_eager_full_batch": dev(got_full, ref_full),
                                   "padded_compiled_vs_eager_short_batch": dev(got_short, ref_short)}
@@ -154,7 +155,7 @@ def run_phase(phase: str, cache: Path, args, part: Path, timeout: float) -> dict
            "--modes", args.modes, "--backend", args.backend] + (["--tiny"] if args.tiny else [])
     t = time.perf_counter()
     if timeout <= 0:
-        return {"phase": phase, "error": "skipped: no time left in the budget"}
+        return {"phase": phase, "skipped": "no time left in the budget"}
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
             shutil.copytree(cache / "artifacts", portable / "artifacts")
             phases["portable"] = run_phase("portable", portable, args, work / "portable.json", timeout=left())
         else:
-            phases["portable"] = {"phase": "portable", "error": "skipped: past the time budget or no artifacts"}
+            phases["portable"] = {"phase": "portable", "skipped": "past the time budget, or the cold run saved no "
+                                                                  "artifacts (aot_eager saves none)"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
         "notes": "random weights in the real architectures (bench/pipeline.py build); ms/frame include VAE decode "
                  "and uint8 output; compile_s = first compiled call minus a steady one (2 steps, same padded "
                  "shape); cold: empty cache folder; warm: same folder, new process; portable: new folder with "
-                 "only the cold run's artifacts/*.bin; padded_clip: B + 5 frames, the last batch padded",
+                 "only the cold run's artifacts/*.bin; padded_clip: B + min(5, B - 1) frames, the last batch padded",
         "phases": phases, "total_s": time.perf_counter() - t_start,
     }
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
@@ -267,8 +269,8 @@ def print_table(result: dict) -> None:
               f"{pc.get('new_graphs_for_short_batch', '-'):>10} {d.get('max_abs', float('nan')):8.4f} "
               f"{d.get('max_uint8', '-'):>5}")
     for name, p in phases.items():
-        if "error" in p:
-            print(f"{name}: {p['error']}")
+        if "error" in p or "skipped" in p:
+            print(f"{name}: {p.get('error') or 'skipped: ' + p['skipped']}")
     print("for retarget/compiling.py's SPEED table (s/frame at B=%d): " % result["batch"] + ", ".join(
         f"{m}: ({r['eager_ms_per_frame'] / 1e3:.4f}, {r['compiled_ms_per_frame'] / 1e3:.4f})" for m, r in cold.items()))
 
