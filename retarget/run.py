@@ -57,7 +57,7 @@ class RunOptions:
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "where to run the models"})
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(default="auto", metadata={"help": "model precision (auto: fp16 on GPU, fp32 on CPU)"})
     keep_work: bool = field(default=False, metadata={"help": "keep the work folder after a successful run"})
-    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "torch.compile the UNet (GPU; one compiled shape per job, the last batch padded): auto when the job's estimated saving exceeds the compile cost (retarget/compiling.py); photo jobs and transitions, actor videos render eagerly"})
+    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "torch.compile the UNet (GPU; one compiled shape per job, the last batch padded): auto when the job's estimated saving exceeds the compile cost (retarget/compiling.py); an actor video renders eagerly"})
 
     def validate(self) -> None:
         """Rules across fields (per-field ones are in the metadata; `retarget.cliargs.check_options`)."""
