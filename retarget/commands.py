@@ -328,7 +328,7 @@ def register(sub, formatter, examples, add_weights_arg) -> None:
     p.add_argument("--paste-back", action="store_true", help="show the whole photo instead of the aligned face")
     add_weights_arg(p)
     add_dataclass_options(p, RunOptions, exclude=DRIVING_ONLY + ("paste_back", "frames_dir", "resume", "work",
-                                                                 "keep_work"))
+                                                                 "keep_work", "compile"))  # a sheet: eager
     p.set_defaults(func=cmd_storyboard)
 
     p = sub.add_parser(
@@ -440,6 +440,7 @@ def register_edit(sub, formatter, examples, add_weights_arg) -> None:
     add_dataclass_options(p, EditOptions)
     p.set_defaults(add=None)
     # --smooth smooths the take's own expressions; --preview shows actor | output.
-    add_dataclass_options(p, RunOptions, exclude=tuple(k for k in DRIVING_ONLY if k not in ("smooth", "preview")))
+    add_dataclass_options(p, RunOptions, exclude=tuple(k for k in DRIVING_ONLY if k not in ("smooth", "preview"))
+                          + ("compile",))  # actor videos render eagerly
     add_dataclass_options(p, RetakeOptions, exclude=("absolute", "driver_end", "drive_face"))
     p.set_defaults(func=cmd_edit)

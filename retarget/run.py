@@ -57,6 +57,7 @@ class RunOptions:
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "where to run the models"})
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(default="auto", metadata={"help": "model precision (auto: fp16 on GPU, fp32 on CPU)"})
     keep_work: bool = field(default=False, metadata={"help": "keep the work folder after a successful run"})
+    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "torch.compile the UNet (GPU; one compiled shape per job, the last batch padded): auto when the job's estimated saving exceeds the compile cost (retarget/compiling.py); an actor video renders eagerly"})
 
     def validate(self) -> None:
         """Rules across fields (per-field ones are in the metadata; `retarget.cliargs.check_options`)."""
@@ -71,6 +72,9 @@ class RunOptions:
         parse_gain(self.gain)
         if self.device == "cpu" and self.dtype == "fp16":
             raise RetargetError("--dtype fp16 needs a GPU; use fp32 or bf16 on the CPU")
+        if self.device == "cpu" and self.compile == "on":
+            raise RetargetError("--compile on needs a GPU (on the CPU a compile costs more than it saves); "
+                                "use --compile auto or off")
 
 
 @dataclass
@@ -88,15 +92,17 @@ class RunSummary:
     params: np.ndarray | None = None  # (frames, 55) vectors that were rendered
     tracked: int | None = None  # driving frames tracked now (0: a track file or the cached track); None: no driving video
     replaced: bool = False  # `output` existed before (it was not an input: that is refused)
+    compile: str = ""  # the --compile decision, one clause (retarget.compiling); "" on the CPU
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
+        compiled = f", {self.compile}" if self.compile else ""
         extra = " (replaced the existing file)" if self.replaced else ""
         extra += f", preview {self.preview}" if self.preview else ""
         extra += f", frames in {self.frames_dir}" if self.frames_dir else ""
         tracked = "" if self.tracked is None else f", {self.tracked} driving frames tracked"
         return (f"done: {self.frames} frames ({self.rendered} rendered now{tracked}) in {self.seconds:.1f}s "
-                f"({fps:.2f} frames/s), {self.invalid_frames} driving frames without a face; "
+                f"({fps:.2f} frames/s){compiled}, {self.invalid_frames} driving frames without a face; "
                 f"wrote {self.output}{extra}")
 
 
@@ -295,6 +301,8 @@ class Rendering:
     # uint8 images), in any order, that renders elsewhere (retarget.scale: on Ray actors).
     render_batches: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]] | None = None
     batch_size: int = 0  # frames per batch the renderer chose for --batch 0 (0: auto_batch here)
+    compiled: object = None  # retarget.compiling.CompiledBatches when the UNet runs compiled (padded batches)
+    compile_note: str = ""  # the --compile decision for the summary line
 
     def render(self, batches: list[list[int]], params: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices, images) for each batch of frame indices of `params` (T, 55), as they are rendered."""
@@ -302,7 +310,7 @@ class Rendering:
             yield from self.render_batches(batches, params)
             return
         for idx in batches:
-            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call))
+            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled))
 
 
 def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb: np.ndarray | None = None,
@@ -416,11 +424,14 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                 preview=preview)
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
+    from retarget.compiling import summary_note
+
     return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
-                      face_report=r.actor.face_report, params=params, tracked=tracked, replaced=replaced)
+                      face_report=r.actor.face_report, params=params, tracked=tracked, replaced=replaced,
+                      compile=summary_note(r))
 
 
 def check_output_name(out: Path) -> None:
@@ -482,11 +493,16 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
     batches (bit-identical frames) as an uninterrupted one. Returns frames rendered now.
     """
     batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
+    from retarget import compiling
+
+    compiling.setup(r, opts.compile, frames=len(params), batch=batch, log=log,
+                    previous=compiling.previous_choice(work.root / MANIFEST) if opts.resume else None)
     manifest = {
         **source, "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
         "params": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16], "batch": batch,
         "device": r.device, "dtype": str(r.dtype), "ref_latent": opts.ref_latent,
         **{k: v for k, v in r.call.items()},
+        **({"compiled": True} if r.compiled is not None else {}),  # compiled frames differ by rounding
     }
     work.start(manifest, opts.resume)
     return _render_all(r, params, work, batch, log)
@@ -626,8 +642,14 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
     return rendered
 
 
-def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict) -> list[np.ndarray]:
-    return split_on_oom(lambda sub: pipe(actor, params[sub], frame_indices=sub, **call), idx)
+def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict,
+                         compiled=None) -> list[np.ndarray]:
+    def render(sub):
+        return pipe(actor, params[sub], frame_indices=sub, **call)
+
+    if compiled is not None:  # padded to the compiled shape (retarget.compiling.CompiledBatches)
+        return compiled.render(render, idx)
+    return split_on_oom(render, idx)
 
 
 def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[int]) -> list[np.ndarray]:

@@ -169,5 +169,8 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     transition_track(times, params, fps, keyfile, easing).save(track_path)
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
+    from retarget.compiling import summary_note
+
     return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
-                      output=out, face_report=r.actor.face_report, params=params, replaced=replaced)
+                      output=out, face_report=r.actor.face_report, params=params, replaced=replaced,
+                      compile=summary_note(r))
