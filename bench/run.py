@@ -68,8 +68,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FPS = 25.0
 MODES = ("fast", "quality")
 DEFAULT_FRAMES = {"fast": 1000, "quality": 300}
-# Seconds per frame on an H100/H200 (bench/pipeline.py), job + pipeline pass, for --deadline's estimate.
-GPU_SECONDS_PER_FRAME = {"fast": 2 * 0.045, "quality": 2 * 0.21}
+# Seconds per frame on an H100/H200 for --deadline's estimate: render in the job + the pipeline pass
+# (bench/pipeline.py) + paste-back and 1080p encoding.
+GPU_SECONDS_PER_FRAME = {"fast": 0.045 + 0.045 + 0.04, "quality": 0.21 + 0.21 + 0.04}
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
         if args.memory_gb:
             row["under_cap"] = row["peak_reserved_gib"] < args.memory_gb
     if has_stages and getattr(summary, "stages", None):
-        row["stages"] = {k: float(v) for k, v in summary.stages.items()}
+        row["stages"] = {k: float(v) if isinstance(v, (int, float)) else v for k, v in summary.stages.items()}
         row["stages_from"] = "RunSummary.stages"
     else:
         st = {"track": stats.get("track", 0.0), "prepare": clock.t.get("prepare", 0.0),
@@ -295,7 +296,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     row["pipeline"] = pipeline_rate(pipe, r.actor, todo, sizes, r.call)
     row["pipeline_fps"] = row["pipeline"]["fps"]
     row["ratio"] = row["job_fps"] / row["pipeline_fps"]
-    if "render" in row["stages"] and row["stages"]["render"] > 0:
+    if isinstance(row["stages"].get("render"), float) and row["stages"]["render"] > 0:
         row["render_stage_fps"] = summary.frames / row["stages"]["render"]
     out.unlink(missing_ok=True)
     return row
@@ -479,7 +480,8 @@ def main(argv=None) -> int:
     head = f"{'mode':8s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
     print(head)
     for r in info["rows"]:
-        stages = " ".join(f"{k}={v:.1f}" for k, v in r["stages"].items() if k != "total")
+        stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
         print(f"{r['mode']:8s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")
