@@ -16,10 +16,11 @@ if str(REPO) not in sys.path:
 
 from bench import standin_faces  # noqa: E402
 
-# Measured on the astronaut: 0.060 of the inter-ocular distance upright (0.12 over rotated and
-# scaled views); the jaw outline carries most of it, as a mean shape cannot follow a face's own.
+# Mean distance to dlib's 68 points, in inter-ocular distances, measured on the astronaut: 0.060
+# upright, 0.059 and 0.052 in the two views below; the jaw outline carries most of it, as a mean
+# shape cannot follow a face's own. The bound leaves room for other dlib builds.
 MEAN_ERROR_IOD = 0.10
-VIEW_ERROR_IOD = 0.18
+VIEW_ERROR_IOD = 0.10
 
 
 @pytest.fixture(scope="module")
