@@ -243,7 +243,7 @@ def resolve_device(device: str, dtype: str):
 
 
 def auto_batch(device: str, image_size: int) -> int:
-    """Frames per batch from free GPU memory; 2 on the CPU.
+    """Frames per batch from the GPU memory this process may still use (`gpu_memory_left`); 2 on the CPU.
 
     bench/pipeline.py (H100, fp16, SD 1.5 size, CFG + reference bank) peaked at 6.2 GB for 32
     frames at 512x512 including the models, and throughput stops growing past 16-32 frames; we
@@ -251,11 +251,23 @@ def auto_batch(device: str, image_size: int) -> int:
     """
     if device != "cuda":
         return 2
+    per_frame = 0.25e9 * (image_size / 512) ** 2
+    return int(max(1, min(32, (gpu_memory_left() - 4e9) // per_frame)))
+
+
+def gpu_memory_left() -> int:
+    """Bytes this process may still allocate on the current GPU: the card's free memory, or less
+    under a per-process cap (`torch.cuda.set_per_process_memory_fraction`, which mem_get_info
+    does not see): the cap minus the memory of the tensors allocated now (the allocator frees its
+    cached blocks before it refuses)."""
     import torch
 
-    free, _ = torch.cuda.mem_get_info()
-    per_frame = 0.25e9 * (image_size / 512) ** 2
-    return int(max(1, min(32, (free - 4e9) // per_frame)))
+    free, total = torch.cuda.mem_get_info()
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # PyTorch >= 2.5
+    fraction = get_fraction() if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        free = min(free, int(fraction * total) - torch.cuda.memory_allocated())
+    return int(max(0, free))
 
 
 def is_oom(e: BaseException) -> bool:
