@@ -77,6 +77,16 @@ def test_latent_output_and_guidance(pipe, actor, expressions):
     assert (g1 - lat[:1]).abs().amax() > 1e-3  # guidance 3 vs no CFG
 
 
+def test_uint8_images_are_the_rounded_floats(pipe, actor, expressions):
+    """uint8 output is made on the device now (no host pass over the pixels): the same fp32
+    multiply and round-half-to-even as numpy's, so exactly the bits of round(255 x) of the floats."""
+    f = pipe(actor, expressions[:3], seed=5, steps=2, output_type="float")
+    u = pipe(actor, expressions[:3], seed=5, steps=2)
+    assert u.dtype == np.uint8 and u.shape == f.shape
+    np.testing.assert_array_equal(u, (f * 255).round().astype(np.uint8))
+    assert len(np.unique(u)) > 50  # real images, not a constant
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(scheduler="ddim"), "scheduler must be one of"),
     (dict(exp_scale=-1.0), "exp_scale must be a finite number >= 0"),
