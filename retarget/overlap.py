@@ -322,3 +322,21 @@ class Background:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+class CallAfter:
+    """A picklable factory: `factory()`, then (the first time, in this process only) `callback()`.
+    For tracking's face-backend factory: the callback runs once the tracker has built its models."""
+
+    def __init__(self, factory: Callable[[], object], callback: Callable[[], None] | None):
+        self.factory, self.callback = factory, callback
+
+    def __call__(self):
+        value = self.factory()
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+        return value
+
+    def __getstate__(self):
+        return {"factory": self.factory, "callback": None}  # worker processes only build backends

@@ -413,7 +413,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
 
     # 2. the driving performance, and (relative mode) the actor's own resting expression; the
     # pipeline loads in a thread meanwhile (when tracking is needed: else after this step).
-    loading = None
+    loading, pipe = None, None
 
     def start_loading(when: str = " while tracking") -> None:
         nonlocal loading
@@ -430,6 +430,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
         out_fps = opts.fps or track.fps
         actor_neutral = driver_neutral = None
         if opts.relative:
+            if loading is not None:  # tracking again builds models: not while the pipeline loads (see above)
+                pipe = loading.result()
             actor_neutral = track_still(actor_path, layout, device)
             driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
             log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
@@ -443,7 +445,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
 
     # 3. identity and reference once, then the frames and the video at once (retarget.overlap).
     start_loading("")
-    pipe = loading.result() if loading is not None else None
+    if loading is not None and pipe is None:
+        pipe = loading.result()
     stages["load"] = loading.seconds if loading is not None else 0.0
     t = time.perf_counter()
     r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb,
@@ -461,21 +464,22 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
         audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None))
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
-    return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
+    seconds = time.perf_counter() - t0
+    return RunSummary(frames=len(at), rendered=rendered, seconds=seconds,
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
                       face_report=r.actor.face_report, params=params, tracked=tracked, replaced=replaced,
-                      **run_stages(stages, stats, rendered, t0))
+                      **run_stages(stages, stats, rendered, seconds))
 
 
-def run_stages(stages: dict, stats: dict, rendered: int, t0: float) -> dict:
-    """RunSummary's `stages` and `frames_per_s_render` from the stages timed so far and the
-    stats of `retarget.overlap.render_and_write`."""
+def run_stages(stages: dict, stats: dict, rendered: int, total: float) -> dict:
+    """RunSummary's `stages` and `frames_per_s_render` from the stages timed so far, the stats
+    of `retarget.overlap.render_and_write` and the job's `total` seconds."""
     render = stats.get("render_end", 0.0) - stats.get("render_start", 0.0)
     end = stats.get("written_end", stats.get("render_end", 0.0))
     stages = {"open": 0.0, "track": 0.0, "load": 0.0, "prepare": 0.0, **stages, "render": render,
-              "write_tail": max(0.0, end - stats.get("render_end", end)), "total": time.perf_counter() - t0,
+              "write_tail": max(0.0, end - stats.get("render_end", end)), "total": total,
               "gpu_busy": stats.get("gpu_busy", 0.0)}
     return {"stages": stages, "frames_per_s_render": rendered / render if render > 0 else 0.0}
 
@@ -631,7 +635,9 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
     --resume finds one covering the range with the same smoothing, else a track of
     --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
     margin). A cached track that does not cover the range is replaced by one of the whole range.
-    before_tracking: called just before the video is tracked (not with --track or a cached track)."""
+    before_tracking: called once, when tracking the video has built its models (not with --track
+    or a cached track): loading other models in another thread before then would race with them
+    (accelerate's empty-weights loading patches torch.nn.Module for the whole process)."""
     from tracking.track import Track
     from tracking.tracker import TrackOptions, source_sha256, summarize, track_video
 
@@ -656,11 +662,13 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
             log(f"resuming with the track in {cached}")
             return track, 0
         log(f"the track in {cached} is of another video, range or smoothing: tracking the range again")
-    if before_tracking is not None:
-        before_tracking()
+    from retarget.overlap import CallAfter
+    from tracking.tracker import default_backend_factory
+
+    factory = default_backend_factory(layout.optional("face_landmarker"))
     stats: dict = {}
-    track = track_video(drive, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
-                        options=topts, stats=stats)
+    track = track_video(drive, smirk_path=layout.smirk_ckpt, options=topts, stats=stats,
+                        backend_factory=CallAfter(factory, before_tracking) if before_tracking else factory)
     log(f"{summarize(track)}; tracked {stats['frames_tracked']} frames (with the smoothing's margin)")
     work.root.mkdir(parents=True, exist_ok=True)
     track.save(cached)

@@ -173,6 +173,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     transition_track(times, params, fps, keyfile, easing).save(track_path)
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
-    return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
+    seconds = time.perf_counter() - t0
+    return RunSummary(frames=len(params), rendered=rendered, seconds=seconds, invalid_frames=0,
                       output=out, face_report=r.actor.face_report, params=params, replaced=replaced,
-                      **run_stages(stages, stats, rendered, t0))
+                      **run_stages(stages, stats, rendered, seconds))
