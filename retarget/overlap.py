@@ -183,7 +183,8 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     error when the job fails (its outputs must then vanish) and normally when all are written.
     saved: frames already in the work folder that `batches` does not render (--resume).
     batch: the largest batch (for the default buffer and the bound). progress: a factory
-    (total, desc, initial) -> tqdm-like bar, used from this thread only; None: no bars.
+    (total, desc, initial) -> tqdm-like bar, used from this thread only (never garbled): a
+    "rendering" bar, then a "writing" bar from the frames written so far; None: no bars.
     buffer_frames: reorder buffer capacity (default 4 x batch, at least 8).
     stats: filled with perf_counter times `render_start`, `render_end` (last frame rendered),
     `written_end`, and `gpu_busy` (s), `max_held`, `bound`, `spilled`, `render_waits`.
@@ -243,9 +244,7 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
                     hold(len(idx))
                     chan.put((idx, images))
                     rendered += len(idx)
-                    bar.update(len(idx))
-                    if sink is not None:
-                        bar.set_postfix_str(f"written {count['written']}", refresh=False)
+                    bar.update(len(idx))  # tqdm's own line (the app shows it): no postfix
         if sink is not None and crew.error is None:
             with (progress(n, "writing", count["written"]) if progress else _NoBar()) as bar:
                 finished = False
@@ -280,9 +279,6 @@ class _NoBar:
 
     def update(self, k: int) -> None:
         self.n += k
-
-    def set_postfix_str(self, *a, **kw) -> None:
-        pass
 
 
 class Background:
