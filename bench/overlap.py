@@ -4,6 +4,8 @@ writing dominates: a longer sample clip, tracked in the job, pasted back into a 
 
     python bench/overlap.py --before /tmp/retarget-main     # a checkout of the commit before
     python bench/overlap.py --before DIR --seconds 6 --repeat 3
+    OMP_NUM_THREADS=1 python bench/overlap.py --before DIR --frames-dir   # render on one core, as a GPU
+                                                   # leaves the cores to the writer
 
 Each variant runs in its own process (PYTHONPATH = its tree; import time not counted: the
 figure is `RunSummary.seconds`, the job itself), alternating, --repeat times; the table gives
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
         "clip_seconds": a.seconds, "frames": frames, "photo": "1920x1080", "frames_dir": a.frames_dir,
-        "steps": 2, "batch": 4, "median_s": med, "runs": results}, indent=1))
+        "steps": 2, "batch": 4, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "median_s": med,
+        "runs": results}, indent=1))
     print(f"wrote {out}")
     return 0
 
