@@ -23,6 +23,7 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.diskspace import check_free_space, estimate_run_bytes
+from retarget.overlap import Background
 
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
@@ -93,6 +94,12 @@ class RunSummary:
     tracked: int | None = None  # driving frames tracked now (0: a track file or the cached track); None: no driving video
     replaced: bool = False  # `output` existed before (it was not an input: that is refused)
     compile: str = ""  # the --compile decision, one clause (retarget.compiling); "" on the CPU
+    # Wall-clock seconds of each stage (they overlap): "open", "track", "load" (the pipeline, in a
+    # thread during tracking; 0 with a prepare= hook), "prepare" (the actor; with a hook: all of it),
+    # "render" (first batch asked to last frame rendered), "write_tail" (last frame rendered to the
+    # output renamed), "total", and "gpu_busy" (seconds inside the render calls).
+    stages: dict[str, float] = field(default_factory=dict)
+    frames_per_s_render: float = 0.0  # frames rendered now / the render span
 
     def line(self) -> str:
         fps = self.rendered / self.seconds if self.seconds > 0 else 0.0
@@ -325,27 +332,40 @@ class Rendering:
             yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled))
 
 
+def load_pipeline(layout, opts: RunOptions, log=print, when: str = "", *, dry: bool = False):
+    """The RetargetPipeline for these weights, device and precision: the kept one
+    (`keep_models_loaded`) or loaded now (logged, with `when` added to the line). dry: only
+    log whether it would load (None)."""
+    from retarget.pipeline import RetargetPipeline
+
+    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
+        layout.require(name)
+    device, dtype = resolve_device(opts.device, opts.dtype)
+    key = (str(layout.root.resolve()), device, str(dtype))
+    pipe = _kept_pipelines.get(key) if _kept_pipelines is not None else None
+    if pipe is None:
+        log(f"loading models on {device} ({str(dtype).replace('torch.', '')}){when}")
+        if dry:
+            return None
+        pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
+        if _kept_pipelines is not None:
+            _kept_pipelines.clear()  # one set of models at a time: GPU memory is the limit
+            _kept_pipelines[key] = pipe
+    return pipe
+
+
 def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb: np.ndarray | None = None,
                       pipe=None) -> Rendering:
     """Load the pipeline (unless `pipe`, a loaded RetargetPipeline, is given) and compute the
     actor's identity, reference latent and bank (once)."""
     import torch
 
-    from retarget.pipeline import RetargetPipeline
-
     actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
     for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
     device, dtype = resolve_device(opts.device, opts.dtype)
-    key = (str(layout.root.resolve()), device, str(dtype))
-    if pipe is None and _kept_pipelines is not None:
-        pipe = _kept_pipelines.get(key)
     if pipe is None:
-        log(f"loading models on {device} ({str(dtype).replace('torch.', '')})")
-        pipe = RetargetPipeline.from_weights(layout, device=device, dtype=dtype, lcm=opts.fast)
-        if _kept_pipelines is not None:
-            _kept_pipelines.clear()  # one set of models at a time: GPU memory is the limit
-            _kept_pipelines[key] = pipe
+        pipe = load_pipeline(layout, opts, log)
     actor = pipe.prepare_actor(actor_rgb, generator=torch.Generator("cpu").manual_seed(opts.seed),
                                ref_latent=opts.ref_latent)
     if actor.face_report:
@@ -409,41 +429,81 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
         expected_frames(reader, opts), crop_size=512, out_size=output_size(actor_rgb, opts), work=work.root, out=out,
         preview=opts.preview != "none", frames_dir=Path(opts.frames_dir) if opts.frames_dir else None), str(out))
 
-    # 2. the driving performance, and (relative mode) the actor's own resting expression.
-    track, tracked = _driving_track(drive, layout, opts, work, device, log, reader)
-    at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
-    driver = sample_params(track.times, track.params, at)
-    out_fps = opts.fps or track.fps
-    actor_neutral = driver_neutral = None
-    if opts.relative:
-        actor_neutral = track_still(actor_path, layout, device)
-        driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
-        log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
-    params = retarget_params(driver, gain, relative=opts.relative,
-                             driver_neutral=driver_neutral, actor_neutral=actor_neutral)
+    stages = {"open": time.perf_counter() - t0}
 
-    # 3. identity and reference once, then the frames, then the video.
-    r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb)
+    # 2. the driving performance, and (relative mode) the actor's own resting expression; the
+    # pipeline loads in a thread meanwhile (when tracking is needed: else after this step).
+    loading, pipe = None, None
+
+    def start_loading(when: str = " while tracking") -> None:
+        nonlocal loading
+        if prepare is None and loading is None:
+            # Logged here, not from the thread: a line printed from there would cut the tracking bar.
+            load_pipeline(layout, opts, log, when, dry=True)
+            loading = Background(lambda: load_pipeline(layout, opts, log=lambda *_: None), "retarget-load")
+
+    t = time.perf_counter()
+    try:
+        track, tracked = _driving_track(drive, layout, opts, work, device, log, reader, before_tracking=start_loading)
+        at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
+        driver = sample_params(track.times, track.params, at)
+        out_fps = opts.fps or track.fps
+        actor_neutral = driver_neutral = None
+        if opts.relative:
+            if loading is not None:  # tracking again builds models: not while the pipeline loads (see above)
+                pipe = loading.result()
+            actor_neutral = track_still(actor_path, layout, device)
+            driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
+            log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
+        params = retarget_params(driver, gain, relative=opts.relative,
+                                 driver_neutral=driver_neutral, actor_neutral=actor_neutral)
+    except BaseException:
+        if loading is not None:
+            loading.cancel()  # not waited for: the error is the user's answer now
+        raise
+    stages["track"] = time.perf_counter() - t
+
+    # 3. identity and reference once, then the frames and the video at once (retarget.overlap).
+    start_loading("")
+    if loading is not None and pipe is None:
+        pipe = loading.result()
+    stages["load"] = loading.seconds if loading is not None else 0.0
+    t = time.perf_counter()
+    r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb,
+                                       **({"pipe": pipe} if pipe is not None else {}))
+    stages["prepare"] = time.perf_counter() - t
     source = {"drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve())}
-    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
     preview = None
     if opts.preview != "none":
         preview = (preview_path(out),
                    _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
                    _load_flame(layout))
-    write_video(r, params, work, out, out_fps, opts,
-                audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None,
-                preview=preview)
+    stats: dict = {}
+    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats, video=dict(
+        out=out, fps=out_fps, preview=preview,
+        audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None))
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     from retarget.compiling import summary_note
 
-    return RunSummary(frames=len(at), rendered=rendered, seconds=time.perf_counter() - t0,
+    seconds = time.perf_counter() - t0
+    return RunSummary(frames=len(at), rendered=rendered, seconds=seconds,
                       invalid_frames=int((~track.valid).sum()), output=out,
                       preview=preview[0] if preview else None,
                       frames_dir=Path(opts.frames_dir) if opts.frames_dir else None,
                       face_report=r.actor.face_report, params=params, tracked=tracked, replaced=replaced,
-                      compile=summary_note(r))
+                      compile=summary_note(r), **run_stages(stages, stats, rendered, seconds))
+
+
+def run_stages(stages: dict, stats: dict, rendered: int, total: float) -> dict:
+    """RunSummary's `stages` and `frames_per_s_render` from the stages timed so far, the stats
+    of `retarget.overlap.render_and_write` and the job's `total` seconds."""
+    render = stats.get("render_end", 0.0) - stats.get("render_start", 0.0)
+    end = stats.get("written_end", stats.get("render_end", 0.0))
+    stages = {"open": 0.0, "track": 0.0, "load": 0.0, "prepare": 0.0, **stages, "render": render,
+              "write_tail": max(0.0, end - stats.get("render_end", end)), "total": total,
+              "gpu_busy": stats.get("gpu_busy", 0.0)}
+    return {"stages": stages, "frames_per_s_render": rendered / render if render > 0 else 0.0}
 
 
 def check_output_name(out: Path) -> None:
@@ -498,11 +558,14 @@ def track_still(image_path: Path, layout, device: str) -> np.ndarray:
 
 
 def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: RunOptions, layout, actor_path: Path,
-                   source: dict, log) -> int:
+                   source: dict, log, *, video: dict | None = None, stats: dict | None = None) -> int:
     """Render every frame of `params` (T, 55) into the work folder, resuming when asked.
 
     Batches are aligned to multiples of the batch size, so a resumed run renders the same
     batches (bit-identical frames) as an uninterrupted one. Returns frames rendered now.
+    video: the keyword arguments of `write_video` (out, fps, audio, preview): the video is
+    written while the frames render (retarget.overlap), as write_video would write it after.
+    stats: filled as by `retarget.overlap.render_and_write` (the stages' times).
     """
     batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
     from retarget import compiling
@@ -517,7 +580,8 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
         **({"compiled": True} if r.compiled is not None else {}),  # compiled frames differ by rounding
     }
     work.start(manifest, opts.resume)
-    return _render_all(r, params, work, batch, log)
+    sink = _video_sink(r, params, opts, **video) if video else None
+    return _render_all(r, params, work, batch, log, sink=sink, stats=stats)
 
 
 def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, fps: float, opts: RunOptions, *,
@@ -525,7 +589,19 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
     """Compose the rendered frames into `out` (pasted back unless --crop-only), with the audio
     range of `audio` = (file, start_s, end_s) and, if `preview` = (path, driving frames
     iterator, FLAME model or None), a side-by-side preview. Outputs appear only when complete."""
-    from contextlib import ExitStack
+    from retarget.overlap import render_and_write
+
+    n = len(params)
+    render_and_write(None, n, save=work.save_frame, load=work.load, saved=range(n), progress=_bars,
+                     sink=_video_sink(r, params, opts, out=out, fps=fps, audio=audio, preview=preview))
+
+
+def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path, fps: float,
+                audio: tuple[Path, float, float] | None = None, preview=None):
+    """The writer stage (arguments as `write_video`'s): a context manager whose value is
+    write(i, face) for the aligned faces i = 0..T-1 in order; the outputs are renamed into
+    place when it exits normally and deleted when it exits with an error."""
+    from contextlib import ExitStack, contextmanager
 
     from render.storyboard import save_image
     from render.video import VideoWriter
@@ -533,21 +609,32 @@ def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, f
     frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
     if frames_dir:
         check_writable(frames_dir, "--frames-dir")
-    with ExitStack() as stack:
-        writer = stack.enter_context(VideoWriter(
-            out, fps, audio_from=audio[0] if audio else None,
-            audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None))
-        pwriter = stack.enter_context(VideoWriter(preview[0], fps)) if preview else None
-        bar = stack.enter_context(_progress(len(params), "writing"))  # closed (its line ended) on errors too
-        for i in range(len(params)):
-            face = work.load(i)
-            frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
-            writer.write(frame)
-            if frames_dir:
-                save_image(frames_dir / f"{i:06d}.png", frame)
+    writer = VideoWriter(out, fps, audio_from=audio[0] if audio else None,  # checks now, opens on the first frame
+                         audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None)
+    pwriter = VideoWriter(preview[0], fps) if preview else None
+
+    @contextmanager
+    def sink():
+        with ExitStack() as stack:
+            stack.enter_context(writer)
             if pwriter:
-                pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
-            bar.update(1)
+                stack.enter_context(pwriter)
+
+            def write(i: int, face: np.ndarray) -> None:
+                frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
+                writer.write(frame)
+                if frames_dir:
+                    save_image(frames_dir / f"{i:06d}.png", frame)
+                if pwriter:
+                    pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
+
+            yield write
+
+    return sink()
+
+
+def _bars(total: int, desc: str, initial: int):
+    return _progress(total, desc, initial=initial)
 
 
 def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, flame) -> np.ndarray:
@@ -569,11 +656,15 @@ def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
     return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
 
 
-def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader):
+def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader,
+                   before_tracking=None):
     """(track, frames tracked now): the --track file, the work folder's cached track when
     --resume finds one covering the range with the same smoothing, else a track of
     --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
-    margin). A cached track that does not cover the range is replaced by one of the whole range."""
+    margin). A cached track that does not cover the range is replaced by one of the whole range.
+    before_tracking: called once, when tracking the video has built its models (not with --track
+    or a cached track): loading other models in another thread before then would race with them
+    (accelerate's empty-weights loading patches torch.nn.Module for the whole process)."""
     from tracking.track import Track
     from tracking.tracker import TrackOptions, source_sha256, summarize, track_video
 
@@ -598,9 +689,13 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
             log(f"resuming with the track in {cached}")
             return track, 0
         log(f"the track in {cached} is of another video, range or smoothing: tracking the range again")
+    from retarget.overlap import CallAfter
+    from tracking.tracker import default_backend_factory
+
+    factory = default_backend_factory(layout.optional("face_landmarker"))
     stats: dict = {}
-    track = track_video(drive, smirk_path=layout.smirk_ckpt, landmarker_path=layout.optional("face_landmarker"),
-                        options=topts, stats=stats)
+    track = track_video(drive, smirk_path=layout.smirk_ckpt, options=topts, stats=stats,
+                        backend_factory=CallAfter(factory, before_tracking) if before_tracking else factory)
     log(f"{summarize(track)}; tracked {stats['frames_tracked']} frames (with the smoothing's margin)")
     work.root.mkdir(parents=True, exist_ok=True)
     track.save(cached)
@@ -636,22 +731,21 @@ def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, r
     return one.params[0], n, float(one.times[0])
 
 
-def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, log) -> int:
+def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, log, *, sink=None,
+                stats: dict | None = None) -> int:
     """Render every frame missing from `work`, `batch` frames at a time (through `r.render`);
-    halve the batch and retry on out-of-memory. Returns how many frames were rendered now."""
+    halve the batch and retry on out-of-memory; with `sink` (`_video_sink`), write the video
+    meanwhile (retarget.overlap). Returns how many frames were rendered now."""
+    from retarget.overlap import render_and_write
+
     n = len(params)
-    todo = [s for s in range(0, n, batch) if not all(work.has(i) for i in range(s, min(n, s + batch)))]
-    done = n - sum(min(n, s + batch) - s for s in todo)
-    if done:
-        log(f"resuming: {done} of {n} frames already rendered")
-    rendered = 0
-    with _progress(n, "rendering", initial=done) as bar:  # closed (its line ended) on errors too
-        for idx, images in r.render([list(range(s, min(n, s + batch))) for s in todo], params):
-            for i, img in zip(idx, images):
-                work.save_frame(i, img)
-            rendered += len(idx)
-            bar.update(len(idx))
-    return rendered
+    batches = [list(range(s, min(n, s + batch))) for s in range(0, n, batch)]
+    todo = [b for b in batches if not all(work.has(i) for i in b)]
+    saved = set(range(n)).difference(*todo)
+    if saved:
+        log(f"resuming: {len(saved)} of {n} frames already rendered")
+    return render_and_write(r.render(todo, params), n, save=work.save_frame, load=work.load, sink=sink,
+                            saved=saved, batch=batch, progress=_bars, stats=stats)
 
 
 def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict,

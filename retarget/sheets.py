@@ -15,7 +15,7 @@ from render.errors import RetargetError
 from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.run import (
     RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, output_size, pipe_paste,
-    prepare_rendering, read_image, render_to_work, write_video,
+    prepare_rendering, read_image, render_to_work, run_stages,
 )
 
 
@@ -162,15 +162,20 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
     check_free_space(estimate_run_bytes(len(params), crop_size=512, out_size=output_size(actor_rgb, opts),
                                         work=work.root, out=out, frames_dir=frames_dir), str(out))
+    stages = {"open": time.perf_counter() - t0}
+    t = time.perf_counter()
     r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb)
+    stages["prepare"] = time.perf_counter() - t  # the load included (nothing to track to overlap it with)
     source = {"keyframes": keyfile.sha256[:16], "fps": fps, "easing": easing}
-    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log)
-    write_video(r, params, work, out, fps, opts)
+    stats: dict = {}
+    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats,
+                              video=dict(out=out, fps=fps))
     transition_track(times, params, fps, keyfile, easing).save(track_path)
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     from retarget.compiling import summary_note
 
-    return RunSummary(frames=len(params), rendered=rendered, seconds=time.perf_counter() - t0, invalid_frames=0,
+    seconds = time.perf_counter() - t0
+    return RunSummary(frames=len(params), rendered=rendered, seconds=seconds, invalid_frames=0,
                       output=out, face_report=r.actor.face_report, params=params, replaced=replaced,
-                      compile=summary_note(r))
+                      compile=summary_note(r), **run_stages(stages, stats, rendered, seconds))
