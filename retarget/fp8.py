@@ -43,11 +43,11 @@ def fp8_targets(unet: nn.Module) -> list[str]:
 def import_torchao():
     """torchao's quantize_ API, or RetargetError naming what to install."""
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     except ImportError as e:
         raise RetargetError("FP8 linear layers (pipe.kernels.fp8) need torchao: pip install 'torchao>=0.18' "
                             f"(import failed: {e})") from None
-    return quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow
+    return quantize_, Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -63,11 +63,15 @@ def check_fp8_device(device: torch.device) -> None:
 
 
 def torchao_quantizer():
-    """The default `quantize(holder: nn.ModuleDict) -> None`: torchao FP8, dynamic per-row activations."""
-    quantize_, config_cls, per_row = import_torchao()
+    """The default `quantize(holder: nn.ModuleDict) -> None`: torchao FP8 with dynamic activation
+    scales, one per row for bf16 layers and one per tensor for fp16 ones (torchao 0.18's per-row
+    kernels take bf16 only: on the H200 in fp16 they refused, "PerRow quantization only works for
+    bfloat16 precision", 2026-12-03; the per-tensor path for fp16 has not run on a GPU yet)."""
+    quantize_, config_cls, per_row, per_tensor = import_torchao()
 
     def quantize(holder: nn.ModuleDict) -> None:
-        quantize_(holder, config_cls(granularity=per_row()))
+        dtype = next(holder.parameters()).dtype
+        quantize_(holder, config_cls(granularity=per_row() if dtype == torch.bfloat16 else per_tensor()))
 
     return quantize
 

@@ -364,7 +364,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
                  seed: int | None = None, steps: int | None = None, guidance: float | None = None,
                  exp_scale: float = 1.0, ref_strength: float = 0.8, scheduler: str = "dpm++",
                  per_frame_noise: bool = False, frame_indices=None, output_type: str = "uint8",
-                 decode_batch: int = 8, uncond_expressions: torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
+                 decode_batch: int = 16, uncond_expressions: torch.Tensor | None = None) -> np.ndarray | torch.Tensor:
         """Render B frames of `actor` with the expressions of `expressions`.
 
         expressions: (B, 55) FLAME expression ++ eyelids ++ jaw. generator (or seed, default 0) draws the

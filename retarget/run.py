@@ -649,11 +649,22 @@ def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, f
     return side_by_side(panels, height=min(512, frame.shape[0]) // 2 * 2, labels=labels)
 
 
-def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
-    """The generated aligned face pasted into the full-resolution actor photo."""
-    from render.paste import paste_back
+_last_paster: tuple = ()  # (actor photo, actor, face size, render.paste.Paster) of the last call
 
-    return paste_back(actor_rgb, face, actor.M, crop_size=actor.crop.shape[0])
+
+def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
+    """The generated aligned face pasted into the full-resolution actor photo. The photo's share
+    of the work (mask, region, warped mask, colour statistics) is kept for the next call with
+    the same photo and actor (render.paste.Paster: the same pixels as paste_back, 2.5x faster
+    on a 1080p photo)."""
+    global _last_paster
+    from render.paste import Paster
+
+    kept = _last_paster
+    if not (kept and kept[0] is actor_rgb and kept[1] is actor and kept[2] == face.shape[0]):
+        kept = (actor_rgb, actor, face.shape[0], Paster(actor_rgb, actor.M, face.shape[0], crop_size=actor.crop.shape[0]))
+        _last_paster = kept  # one tuple replaced at once: safe for the writer thread and others
+    return kept[3].paste(face)
 
 
 def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader,

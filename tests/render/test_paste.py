@@ -192,3 +192,39 @@ def test_roi_warp_equals_full_frame_warp(noise_target):
     ref = np.rint(noise_target * (1.0 - alpha) + back * alpha)
     # cv2 resolves sub-pixel positions to 1/32 px, which the ROI offset can round differently.
     assert np.abs(got - ref).max() <= 1 and np.abs(got - ref).mean() < 0.001
+
+
+def test_paster_reused_for_many_faces_equals_paste_back(astronaut_rgb):
+    """Paster does the photo's share once; every face it pastes is paste_back's result bit for
+    bit (colour match on and off, landmark mask), and the faces stay distinct."""
+    from render.paste import Paster
+
+    rng = np.random.default_rng(7)
+    M = np.array([[0.9, 0.1, -20.0], [-0.1, 0.9, 15.0]])
+    hull = np.array([[100, 120], [400, 110], [420, 400], [260, 480], [90, 390]], np.float64)
+    for kw in ({}, {"color_match": False}, {"mask_landmarks": hull}):
+        paster = Paster(astronaut_rgb, M, 256, crop_size=512, **kw)
+        outs = []
+        for _ in range(3):
+            face = rng.integers(0, 256, (256, 256, 3), np.uint8)
+            got = paster.paste(face)
+            np.testing.assert_array_equal(got, paste_back(astronaut_rgb, face, M, crop_size=512, **kw))
+            outs.append(got)
+        assert (outs[0] != outs[1]).any() and (outs[1] != outs[2]).any()
+    with pytest.raises(RetargetError, match="256x256"):
+        paster.paste(np.zeros((128, 128, 3), np.uint8))
+
+
+def test_run_paste_keeps_one_paster_per_photo_and_actor(astronaut_rgb):
+    """retarget.run.pipe_paste reuses the photo's work only for the same photo and actor: a new
+    actor (another job in the app) gets its own alignment."""
+    from types import SimpleNamespace
+
+    from retarget.run import pipe_paste
+
+    face = np.random.default_rng(8).integers(0, 256, (128, 128, 3), np.uint8)
+    a = SimpleNamespace(M=np.array([[0.5, 0.0, -40.0], [0.0, 0.5, -30.0]]), crop=np.zeros((512, 512, 3)))
+    b = SimpleNamespace(M=np.array([[0.4, 0.0, -10.0], [0.0, 0.4, -60.0]]), crop=np.zeros((512, 512, 3)))
+    for actor in (a, b, a):
+        np.testing.assert_array_equal(pipe_paste(astronaut_rgb, face, actor),
+                                      paste_back(astronaut_rgb, face, actor.M, crop_size=512))
