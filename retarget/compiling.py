@@ -57,6 +57,8 @@ SPEED = {
 # taken. Warm (this shape in the cache): an ESTIMATE (on the 2-core CPU with the tiny UNet, warm was
 # 8 s against 93 s cold: dynamo's tracing is left) until bench/compile.py measures it; the measured
 # time of this machine's last compile of the shape (index.json) replaces it once known.
+# H200 (2026-12-03, bench/results/compile_NVIDIA_H200_2026-12-03.json): cold 60.8 s and 62.4 s at B=32,
+# quality mode; warm still unmeasured there (the bench ran with a shortened budget).
 COMPILE_S = {"cold": 85.0, "warm": 20.0}
 
 
