@@ -322,6 +322,7 @@ class Rendering:
     batch_size: int = 0  # frames per batch the renderer chose for --batch 0 (0: auto_batch here)
     compiled: object = None  # retarget.compiling.CompiledBatches when the UNet runs compiled (padded batches)
     compile_note: str = ""  # the --compile decision for the summary line
+    fit: "FitSize" = field(default_factory=lambda: FitSize())  # frames per call that fit after an out-of-memory
 
     def render(self, batches: list[list[int]], params: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices, images) for each batch of frame indices of `params` (T, 55), as they are rendered."""
@@ -329,7 +330,8 @@ class Rendering:
             yield from self.render_batches(batches, params)
             return
         for idx in batches:
-            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled))
+            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled,
+                                                     self.fit))
 
 
 def load_pipeline(layout, opts: RunOptions, log=print, when: str = "", *, dry: bool = False):
@@ -760,19 +762,31 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
 
 
 def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict,
-                         compiled=None) -> list[np.ndarray]:
+                         compiled=None, fit: FitSize | None = None) -> list[np.ndarray]:
     def render(sub):
         return pipe(actor, params[sub], frame_indices=sub, **call)
 
     if compiled is not None:  # padded to the compiled shape (retarget.compiling.CompiledBatches)
         return compiled.render(render, idx)
-    return split_on_oom(render, idx)
+    return split_on_oom(render, idx, fit)
 
 
-def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[int]) -> list[np.ndarray]:
+@dataclass
+class FitSize:
+    """The most frames per call known to fit since an out-of-memory (None: none seen yet)."""
+
+    frames: int | None = None
+
+
+def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[int],
+                 fit: FitSize | None = None) -> list[np.ndarray]:
     """`render(idx)` -> one image per index; on out-of-GPU-memory, the two halves of `idx` apart
-    (recursively), so a batch too large for the card still renders. RetargetError when even one
-    frame does not fit."""
+    (recursively), so a batch too large for the card still renders. With `fit` (kept across
+    calls), later batches go straight to the size that fitted instead of failing again first.
+    RetargetError when even one frame does not fit."""
+    if fit is not None and fit.frames and len(idx) > fit.frames:
+        return [img for s in range(0, len(idx), fit.frames)
+                for img in split_on_oom(render, idx[s:s + fit.frames], fit)]
     try:
         return list(render(idx))
     except Exception as e:
@@ -785,7 +799,9 @@ def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[
             raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
                                 "or free the GPU") from None
         half = len(idx) // 2
-        return split_on_oom(render, idx[:half]) + split_on_oom(render, idx[half:])
+        if fit is not None:
+            fit.frames = len(idx) - half  # the larger half is tried next
+        return split_on_oom(render, idx[:half], fit) + split_on_oom(render, idx[half:], fit)
 
 
 def _driving_frames(reader, wanted: np.ndarray, start_s: float = 0.0):

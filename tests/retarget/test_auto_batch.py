@@ -93,5 +93,6 @@ def test_out_of_memory_with_the_automatic_batch_halves_it_and_goes_on(tiny_weigh
     assert chosen and chosen[0] == 4
     assert summary.frames == summary.rendered == frames
     assert sum(1 for _ in open_video(tmp_path / "out.mp4")) == frames
-    assert max(sizes) == 4 and sizes.count(4) >= 1  # the automatic batch was tried ...
+    assert max(sizes) == 4 and sizes.count(4) == 1  # the automatic batch was tried once ...
     assert sum(s for s in sizes if s <= 2) == frames  # ... and every frame rendered in halves
+    assert sizes[1:] == [2] * (frames // 2)  # later batches went straight to the size that fitted
