@@ -19,7 +19,7 @@ frames change only by the rounding of other GEMM shapes (fp32 ~1e-6). run.py ali
 multiples of the batch size, so a resumed job renders the same padded batches as an uninterrupted one;
 the work folder's manifest records `compiled`, and `--compile auto` follows it on `--resume`.
 
-Imports: torch lazily; `retarget.run` (split_on_oom, is_oom) lazily; render.files for atomic writes.
+Imports: torch lazily; `retarget.oom` (split_on_oom, is_oom) lazily; render.files for atomic writes.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ class CompiledBatches:
         """One image per index of `idx` (at most `batch` of them); render(indices) -> images renders a
         list of indices (with frame_indices = the indices, so the padding rows draw the last frame's noise)."""
         from render.errors import RetargetError
-        from retarget.run import is_oom, split_on_oom
+        from retarget.oom import is_oom, split_on_oom
 
         if self.failed:
             return split_on_oom(render, list(idx))
@@ -350,7 +350,7 @@ class CompiledBatches:
         return images[:len(idx)]
 
     def _recover(self, render, padded, error: Exception):
-        from retarget.run import split_on_oom
+        from retarget.oom import split_on_oom
 
         warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); cleared the "
                       f"compile cache {self.cache.inductor} and compiling fresh", stacklevel=3)
@@ -360,7 +360,7 @@ class CompiledBatches:
             return split_on_oom(render, padded)
         except Exception as e:  # noqa: BLE001
             from render.errors import RetargetError
-            from retarget.run import is_oom
+            from retarget.oom import is_oom
 
             if isinstance(e, RetargetError) or is_oom(e):
                 raise

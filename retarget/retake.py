@@ -31,9 +31,10 @@ from typing import Literal
 import numpy as np
 
 from render.errors import RetargetError
+from retarget.oom import split_on_oom
 from retarget.run import (
     RENDER_WEIGHTS, RunOptions, WorkFolder, _progress, check_output_name, check_writable, file_fingerprint,
-    read_image, render_call, resolve_device, split_on_oom,
+    read_image, render_call, resolve_device,
 )
 
 IDENTITY_FRAMES = 5  # sharp frontal frames averaged for the default identity

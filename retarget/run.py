@@ -23,6 +23,7 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.diskspace import check_free_space, estimate_run_bytes
+from retarget.oom import FitSize, is_oom, split_on_oom  # noqa: F401 (is_oom, split_on_oom: used by callers of run)
 from retarget.overlap import Background
 
 MANIFEST = "manifest.json"
@@ -277,8 +278,6 @@ def gpu_memory_left() -> int:
     return int(max(0, free))
 
 
-def is_oom(e: BaseException) -> bool:
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 def _progress(total: int, desc: str, unit: str = "frame", initial: int = 0):
@@ -770,38 +769,6 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
         return compiled.render(render, idx)
     return split_on_oom(render, idx, fit)
 
-
-@dataclass
-class FitSize:
-    """The most frames per call known to fit since an out-of-memory (None: none seen yet)."""
-
-    frames: int | None = None
-
-
-def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[int],
-                 fit: FitSize | None = None) -> list[np.ndarray]:
-    """`render(idx)` -> one image per index; on out-of-GPU-memory, the two halves of `idx` apart
-    (recursively), so a batch too large for the card still renders. With `fit` (kept across
-    calls), later batches go straight to the size that fitted instead of failing again first.
-    RetargetError when even one frame does not fit."""
-    if fit is not None and fit.frames and len(idx) > fit.frames:
-        return [img for s in range(0, len(idx), fit.frames)
-                for img in split_on_oom(render, idx[s:s + fit.frames], fit)]
-    try:
-        return list(render(idx))
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        import torch
-
-        torch.cuda.empty_cache()
-        if len(idx) == 1:
-            raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
-                                "or free the GPU") from None
-        half = len(idx) // 2
-        if fit is not None:
-            fit.frames = len(idx) - half  # the larger half is tried next
-        return split_on_oom(render, idx[:half], fit) + split_on_oom(render, idx[half:], fit)
 
 
 def _driving_frames(reader, wanted: np.ndarray, start_s: float = 0.0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from render.errors import RetargetError
-from retarget.run import split_on_oom
+from retarget.oom import split_on_oom
 
 
 class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name is what is_oom looks for
