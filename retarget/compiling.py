@@ -390,11 +390,12 @@ def setup(r, setting: str, *, frames: int, batch: int, log: Callable[[str], None
     CompiledBatches (or None: eager, the pipeline's compiled UNet undone), `r.compile_note` the clause."""
     call = r.call
     remote = r.render_batches is not None or r.pipe is None
-    cache = cache or CompileCache()
     key = None
     warm, warm_s = False, None
-    if r.device == "cuda" and not remote and setting != "off":
+    if r.device == "cuda" and not remote and setting != "off":  # the only case that can compile
         import torch
+
+        cache = cache or CompileCache()
 
         key = shape_key(torch_version=torch.__version__, gpu=torch.cuda.get_device_name(), dtype=str(r.dtype),
                         batch=batch, call=call, image_size=r.pipe.image_size)
