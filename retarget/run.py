@@ -616,22 +616,44 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
 
     @contextmanager
     def sink():
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         with ExitStack() as stack:
             stack.enter_context(writer)
             if pwriter:
                 stack.enter_context(pwriter)
+            pool = None
+            if opts.paste_back:  # pasting the next frames overlaps encoding this one (cv2 and numpy release the GIL)
+                pool = ThreadPoolExecutor(PASTE_THREADS, thread_name_prefix="retarget-paste")
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # on errors too: no thread left
+            pending: deque = deque()  # (frame index, future of its pasted frame), in frame order
 
-            def write(i: int, face: np.ndarray) -> None:
-                frame = pipe_paste(r.actor_rgb, face, r.actor) if opts.paste_back else face
+            def emit(i: int, frame: np.ndarray) -> None:
                 writer.write(frame)
                 if frames_dir:
                     save_image(frames_dir / f"{i:06d}.png", frame)
                 if pwriter:
                     pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
 
+            def write(i: int, face: np.ndarray) -> None:
+                if pool is None:
+                    return emit(i, face)
+                pending.append((i, pool.submit(pipe_paste, r.actor_rgb, face, r.actor)))
+                if len(pending) > PASTE_AHEAD:
+                    j, pasted = pending.popleft()
+                    emit(j, pasted.result())  # a paste-back error surfaces here, in frame order
+
             yield write
+            while pending:  # the last frames (not reached when the job failed: the error skips this)
+                j, pasted = pending.popleft()
+                emit(j, pasted.result())
 
     return sink()
+
+
+PASTE_THREADS = 2  # paste-back threads beside the encoder (the writer thread)
+PASTE_AHEAD = 4  # frames pasted ahead of the encoder: up to this many full-size frames more in memory
 
 
 def _bars(total: int, desc: str, initial: int):

@@ -260,3 +260,36 @@ def test_missing_weight_file_fails_before_tracking(inputs, tiny_weights, tmp_pat
     monkeypatch.setattr(tracker_mod, "track_video", forbidden)
     with pytest.raises(RetargetError, match="exp_adapter.bin"):
         run(*inputs, tmp_path / "out.mp4", RunOptions(device="cpu"), weights=weights, **QUIET)
+
+
+def test_paste_back_runs_ahead_of_the_encoder(inputs, track_file, tiny_weights, tmp_path, monkeypatch):
+    """Paste-back runs in its own threads, PASTE_AHEAD frames ahead of the encoder: while the encoder
+    is held on frame 0, the frames after it are pasted (event-driven: no timing); every thread ends."""
+    import retarget.run as run_mod
+    from render.video import VideoWriter
+
+    real_paste, real_write = run_mod.pipe_paste, VideoWriter.write
+    pasted, where = [], set()
+    ahead = threading.Event()
+
+    def paste(*a, **kw):
+        out = real_paste(*a, **kw)
+        pasted.append(1)
+        where.add(threading.current_thread().name.split("_")[0])
+        if len(pasted) == run_mod.PASTE_AHEAD + 1:
+            ahead.set()
+        return out
+
+    def write(self, frame):
+        if not getattr(self, "_held", False):
+            self._held = True
+            assert ahead.wait(30), f"only {len(pasted)} frames pasted while the encoder waited on frame 0"
+        return real_write(self, frame)
+
+    monkeypatch.setattr(run_mod, "pipe_paste", paste)
+    monkeypatch.setattr(VideoWriter, "write", write)
+    out = tmp_path / "out.mp4"
+    summary = run(*inputs, out, _opts(track_file, tmp_path, "out"), weights=tiny_weights, **QUIET)
+    assert out.is_file() and len(pasted) == summary.frames > run_mod.PASTE_AHEAD + 1
+    assert where == {"retarget-paste"}
+    assert not [t for t in threading.enumerate() if t.name.startswith("retarget-")]
