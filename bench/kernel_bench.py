@@ -76,11 +76,12 @@ def vae_decode(pipe, lat, timed, sync) -> dict:
     """ms per frame of `pipe.decode(lat)` under each decode setting, its deviation from the default
     (uint8-equivalent max abs, PSNR), and where the default's time goes (by operator)."""
     from retarget.kernels import KernelOptions, set_memory_format
+    from retarget.pipeline import DECODE_BATCH
 
     b = lat.shape[0]
-    configs = {"default (chunks of 8)": {}}
-    for chunk in (4, 16, 32):
-        if chunk <= b and chunk != 8:
+    configs = {f"default (chunks of {DECODE_BATCH})": {}}
+    for chunk in (4, 8, 16, 32):
+        if chunk <= b and chunk != DECODE_BATCH:
             configs[f"chunks of {chunk}"] = dict(decode_batch=chunk)
     configs.update({"channels_last": dict(vae_channels_last=True), "cudnn_benchmark": dict(cudnn_benchmark=True),
                     "channels_last + cudnn_benchmark": dict(vae_channels_last=True, cudnn_benchmark=True),

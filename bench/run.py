@@ -32,7 +32,7 @@ time is reported apart):
 - the headline: whole-job frames/s / pipeline frames/s (goal >= 90%).
 `--oom-check` (GPU, default on): one more short fast-mode job with the automatic batch in which, after the
 first batch, a ballast tensor takes the memory so that a full batch no longer fits: a real
-out-of-memory mid-run; the job must halve the batch (retarget.run.split_on_oom) and finish.
+out-of-memory mid-run; the job must halve the batch (retarget.oom.split_on_oom) and finish.
 
 Writes bench/results/run_<gpu>_<date>.json (GPU, versions, date, CPU count, memory cap, rows).
 The device call is limited to 10 minutes: 1,000 quality-mode frames alone are ~200 s at ~5
@@ -216,7 +216,7 @@ class CallLog:
             try:
                 return real(self, actor, expressions, *a, **kw)
             except Exception as e:
-                from retarget.run import is_oom
+                from retarget.oom import is_oom
 
                 if is_oom(e):
                     log.ooms += 1
@@ -306,7 +306,7 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int) 
     """A fast-mode job with the automatic batch (three batches long) where, once the first batch
     is rendered, a ballast tensor leaves room for about 60% of what that batch took above the
     models: the next full batch runs out of memory for real and must be split
-    (retarget.run.split_on_oom); the job must finish with every frame."""
+    (retarget.oom.split_on_oom); the job must finish with every frame."""
     import torch
 
     from retarget.pipeline import RetargetPipeline

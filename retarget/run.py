@@ -23,7 +23,7 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.diskspace import check_free_space, estimate_run_bytes
-from retarget.oom import FitSize, is_oom, split_on_oom  # noqa: F401 (is_oom, split_on_oom: used by callers of run)
+from retarget.oom import FitSize, split_on_oom
 from retarget.overlap import Background
 
 MANIFEST = "manifest.json"
@@ -321,7 +321,7 @@ class Rendering:
     batch_size: int = 0  # frames per batch the renderer chose for --batch 0 (0: auto_batch here)
     compiled: object = None  # retarget.compiling.CompiledBatches when the UNet runs compiled (padded batches)
     compile_note: str = ""  # the --compile decision for the summary line
-    fit: "FitSize" = field(default_factory=lambda: FitSize())  # frames per call that fit after an out-of-memory
+    fit: FitSize = field(default_factory=FitSize)  # frames per call that fit after an out-of-memory
 
     def render(self, batches: list[list[int]], params: np.ndarray) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices, images) for each batch of frame indices of `params` (T, 55), as they are rendered."""
