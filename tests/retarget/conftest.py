@@ -1,5 +1,6 @@
 """Fixtures for the pipeline tests: the tiny release loaded once, a stock diffusers pipeline on the same
-files, and an actor built from a real face (skimage astronaut) without the face detector."""
+files, an actor built from a real face (skimage astronaut) without the face detector, and the sample
+clip, photo and track that the run tests share."""
 
 from __future__ import annotations
 
@@ -78,3 +79,34 @@ def make_stock(pipe):
         return sd
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sample_inputs(tmp_path_factory):
+    """make(seconds, fps=25.0, size=160) -> (drive.mp4, actor.png) in a new folder: the sample driving
+    clip (H.264 + AAC) of that length and the sample actor photo."""
+    from render.storyboard import save_image
+    from retarget.samples import sample_actor, write_sample_drive
+
+    def make(seconds: float, fps: float = 25.0, size: int = 160):
+        root = tmp_path_factory.mktemp("inputs")
+        drive = write_sample_drive(root / "drive.mp4", seconds=seconds, fps=fps, size=size)
+        actor = root / "actor.png"
+        save_image(actor, sample_actor())
+        return drive, actor
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def track_of(tiny_weights, tmp_path_factory):
+    """track(drive) -> the path of a track file of that clip (default tracking options, tiny SMIRK)."""
+    from tracking.tracker import TrackOptions, track_video
+
+    def track(drive):
+        path = tmp_path_factory.mktemp("track") / "drive.track.npz"
+        track_video(drive, smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", options=TrackOptions(),
+                    progress=False).save(path)
+        return path
+
+    return track

@@ -18,26 +18,14 @@ from retarget.run import RunOptions, run
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A 0.4 s sample clip (10 frames at 25 fps, with audio), the actor photo and the clip's track."""
-    from render.storyboard import save_image
-    from retarget.samples import sample_actor, write_sample_drive
-
-    root = tmp_path_factory.mktemp("inputs")
-    drive = write_sample_drive(root / "drive.mp4", seconds=0.4, fps=25, size=160)
-    actor = root / "actor.png"
-    save_image(actor, sample_actor())
-    return drive, actor
+def inputs(sample_inputs):
+    """A 0.4 s sample clip (10 frames at 25 fps, with audio) and the actor photo."""
+    return sample_inputs(0.4)
 
 
 @pytest.fixture(scope="module")
-def track_file(inputs, tiny_weights, tmp_path_factory):
-    from tracking.tracker import TrackOptions, track_video
-
-    path = tmp_path_factory.mktemp("track") / "drive.track.npz"
-    track_video(inputs[0], smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", options=TrackOptions(),
-                progress=False).save(path)
-    return path
+def track_file(inputs, track_of):
+    return track_of(inputs[0])
 
 
 @pytest.fixture

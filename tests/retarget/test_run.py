@@ -19,27 +19,14 @@ SECONDS, FPS = 2.0, 25.0
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """The sample driving clip (2 s, 25 fps, AAC audio), the actor photo and a track of the clip."""
-    from render.storyboard import save_image
-    from retarget.samples import sample_actor, write_sample_drive
-
-    root = tmp_path_factory.mktemp("inputs")
-    drive = write_sample_drive(root / "drive.mp4", seconds=SECONDS, fps=FPS, size=160)
-    actor = root / "actor.png"
-    save_image(actor, sample_actor())
-    return drive, actor
+def inputs(sample_inputs):
+    """The sample driving clip (2 s, 25 fps, AAC audio) and the actor photo."""
+    return sample_inputs(SECONDS, fps=FPS)
 
 
 @pytest.fixture(scope="module")
-def track_file(inputs, tiny_weights, tmp_path_factory):
-    from tracking.tracker import TrackOptions, track_video
-
-    path = tmp_path_factory.mktemp("track") / "drive.track.npz"
-    track = track_video(inputs[0], smirk_path=tiny_weights / "smirk/SMIRK_em1.pt", options=TrackOptions(),
-                        progress=False)
-    track.save(path)
-    return path
+def track_file(inputs, track_of):
+    return track_of(inputs[0])
 
 
 def _opts(track_file, **kw) -> RunOptions:

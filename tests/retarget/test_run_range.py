@@ -15,15 +15,8 @@ START, END, OUT_FPS = 2.02, 2.5, 10.0  # output frames at 2.02, 2.12, ... betwee
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    from render.storyboard import save_image
-    from retarget.samples import sample_actor, write_sample_drive
-
-    root = tmp_path_factory.mktemp("inputs")
-    drive = write_sample_drive(root / "drive.mp4", seconds=4.0, fps=25.0, size=160)
-    actor = root / "actor.png"
-    save_image(actor, sample_actor())
-    return drive, actor
+def inputs(sample_inputs):
+    return sample_inputs(4.0)
 
 
 @pytest.fixture(scope="module")
