@@ -4,6 +4,7 @@
     python bench/run.py --memory-gb 24           # the same under a 24 GiB per-process cap (a 24 GB card)
     python bench/run.py --modes fast --frames 1000 --deadline 500
     python bench/run.py --tiny                   # CPU smoke run: tiny weights, a short small clip (~1 min)
+    python bench/run.py --ahead on,off           # each mode rendering while tracking, and after (serial)
 
 Inputs, made by the bench: a 1920x1080 driving clip at 25 fps with audio (the sample driving
 performance of retarget/samples.py, 1080 px square, drifting slowly across a 1080p canvas:
@@ -229,9 +230,13 @@ class CallLog:
 
 # -- one mode -------------------------------------------------------------------------------------
 
-def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path) -> dict:
+def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
+             reference: dict | None = None) -> dict:
+    """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
+    reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches)."""
     import torch
 
+    import retarget.run as rr
     from retarget.run import RunOptions, RunSummary, auto_batch, render_call, run
 
     drive, actor_path = inputs
@@ -257,13 +262,18 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     clock = StageClock()
     stats: dict = {}
     out = work / f"{mode}.mp4"
-    with StageClock.tracking(stats):
-        t0 = time.perf_counter()
-        summary = run(drive, actor_path, out, opts, weights=weights, log=lambda *_: None,
-                      prepare=clock.prepare_hook(pipe, wrap_render=not has_stages))
-        sync()
-        job_s = time.perf_counter() - t0
-    row = {"mode": mode, "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
+    lines: list[str] = []
+    kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
+    try:
+        with StageClock.tracking(stats):
+            t0 = time.perf_counter()
+            summary = run(drive, actor_path, out, opts, weights=weights, log=lines.append,
+                          prepare=clock.prepare_hook(pipe, wrap_render=not has_stages))
+            sync()
+            job_s = time.perf_counter() - t0
+    finally:
+        rr.RENDER_AHEAD = kept_setting
+    row = {"mode": mode, "ahead": ahead, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
     if torch.cuda.is_available():
@@ -293,7 +303,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     sizes = clock.batch_sizes or [batch] * -(-summary.frames // batch)
     row["batch"] = batch
     todo = summary.params[: args.pipeline_frames or None]
-    row["pipeline"] = pipeline_rate(pipe, r.actor, todo, sizes, r.call)
+    row["pipeline"] = reference["pipeline"] if reference else pipeline_rate(pipe, r.actor, todo, sizes, r.call)
     row["pipeline_fps"] = row["pipeline"]["fps"]
     row["ratio"] = row["job_fps"] / row["pipeline_fps"]
     if isinstance(row["stages"].get("render"), float) and row["stages"]["render"] > 0:
@@ -302,15 +312,17 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     return row
 
 
-def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int) -> dict:
+def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, cap_bytes: int | None = None) -> dict:
     """A fast-mode job with the automatic batch (three batches long) where, once the first batch
-    is rendered, a ballast tensor leaves room for about 60% of what that batch took above the
+    is rendered, a ballast tensor leaves room for about OOM_ROOM of what that batch took above the
     models: the next full batch runs out of memory for real and must be split
-    (retarget.oom.split_on_oom); the job must finish with every frame."""
+    (retarget.oom.split_on_oom); the job must finish with every frame. Both measured in memory
+    *reserved* by PyTorch's allocator (the first run of this check, 2026-12-03, measured allocated
+    memory: the models' partly used segments took the rest and not even one frame fit)."""
     import torch
 
     from retarget.pipeline import RetargetPipeline
-    from retarget.run import RunOptions, auto_batch, gpu_memory_left, run
+    from retarget.run import RunOptions, auto_batch, run
 
     batch = auto_batch(device, pipe.image_size)
     frames = min(clip_frames, 3 * batch)
@@ -325,13 +337,15 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int) 
         def render_batches(batches, params):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            base = torch.cuda.memory_reserved()
             for k, (idx, images) in enumerate(inner(batches, params)):
                 if k == 0:
-                    working = torch.cuda.max_memory_allocated() - base
+                    working = torch.cuda.max_memory_reserved() - base
                     torch.cuda.empty_cache()
-                    room = gpu_memory_left() - int(0.6 * working)
-                    seen.update(batch_working_gib=working / 2**30, ballast_gib=max(room, 0) / 2**30)
+                    free = (cap_bytes - torch.cuda.memory_reserved()) if cap_bytes else torch.cuda.mem_get_info()[0]
+                    room = free - int(OOM_ROOM * working)
+                    seen.update(batch_working_gib=working / 2**30, ballast_gib=max(room, 0) / 2**30,
+                                left_gib=(free - max(room, 0)) / 2**30)
                     if room > 0:
                         ballast.append(torch.empty(room, dtype=torch.uint8, device="cuda"))
                 yield idx, images
@@ -352,6 +366,11 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int) 
         torch.cuda.empty_cache()
     return {"frames": frames, "auto_batch": batch, "call_sizes": log.sizes, "ooms": log.ooms, **seen,
             "finished": ok, "error": err, "halved": log.ooms > 0 and min(log.sizes, default=batch) < batch}
+
+
+# The room the OOM check leaves, as a share of the first batch's working memory: a full batch
+# does not fit, half of one does, with a margin for the allocator's rounding.
+OOM_ROOM = 0.75
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -390,6 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor-5", default=None, metavar="DAT",
                     help="shape_predictor_5_face_landmarks.dat (default $RETARGET_STANDIN_5PT, else face-recognition-models')")
     ap.add_argument("--weights", default=None, metavar="DIR", help="use this weights folder instead of writing one")
+    ap.add_argument("--ahead", default="on",
+                    help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -399,6 +420,9 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES) or not modes:
         ap.error("--modes: choose from fast, quality")
+    aheads = [{"on": True, "off": False}.get(a) for a in args.ahead.split(",") if a]
+    if None in aheads or not aheads:
+        ap.error("--ahead: a comma-separated list of on, off")
     args.tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if args.tiny else "cuda"
     if args.faces == "standin":
@@ -454,21 +478,28 @@ def main(argv=None) -> int:
         info["load_s"] = time.perf_counter() - t0
         for mode in modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
                 continue
-            row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work)
-            # As a cold `retarget run` would be: the models' load inside the job.
-            row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
-            info["rows"].append(row)
-            print(f"{mode}: job {row['job_fps']:.2f} frames/s, pipeline {row['pipeline_fps']:.2f} frames/s, "
-                  f"ratio {row['ratio'] * 100:.1f}%", flush=True)
+            first = None
+            for ahead in aheads:
+                row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
+                               reference=first)
+                first = first or row
+                # As a cold `retarget run` would be: the models' load inside the job.
+                row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
+                info["rows"].append(row)
+                print(f"{mode} (ahead {'on' if ahead else 'off'}): job {row['job_fps']:.2f} frames/s, pipeline "
+                      f"{row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
+                      + (f"; {row['ahead_log'][0]}" if row["ahead_log"] else ""), flush=True)
         if args.oom_check and not args.tiny and args.deadline - (time.perf_counter() - start) < 40:
             info["skipped"].append("oom check: under 40s left of --deadline")
         elif args.oom_check and not args.tiny:
-            info["oom_check"] = oom_check(pipe, inputs, layout, device, work, max(frames.values()))
+            info["oom_check"] = oom_check(pipe, inputs, layout, device, work, max(frames.values()),
+                                          cap_bytes=int(cap * torch.cuda.get_device_properties(0).total_memory)
+                                          if cap else None)
             print(f"oom check: {info['oom_check']}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -477,13 +508,14 @@ def main(argv=None) -> int:
     print(f"\n{info['device']}, {info['host_cpus']} CPUs, faces: {faces_note}"
           + (f", memory cap {args.memory_gb:g} GiB" if cap else ""))
     print(f"load {info['load_s']:.1f}s (not in the jobs), weights written in {info['weights_write_s']:.1f}s")
-    head = f"{'mode':8s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
+    head = f"{'mode':14s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
     print(head)
     for r in info["rows"]:
         stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
-        print(f"{r['mode']:8s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
+        name = f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}"
+        print(f"{name:14s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")
     for s in info["skipped"]:
         print(f"skipped {s}")

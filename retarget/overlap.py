@@ -312,6 +312,10 @@ class Background:
         value, self._value = self._value, None
         return value
 
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for `fn` to end (at most `timeout` s), without taking its result."""
+        self._thread.join(timeout)
+
     def cancel(self) -> None:
         self._cancelled = True
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,12 +23,15 @@ from typing import Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from render.errors import RetargetError
+from retarget.ahead import RenderAhead
 from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.oom import FitSize, split_on_oom
 from retarget.overlap import Background
 
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
+AHEAD = "ahead"  # frames rendered while tracking, until checked against the final params (retarget.ahead)
+RENDER_AHEAD = True  # render the batches whose params are final while the clip is tracked (tests switch it)
 
 
 @dataclass
@@ -168,7 +172,7 @@ class WorkFolder:
         self.root = root
         self.frames = root / "frames"
 
-    OWN = (MANIFEST, "frames", "drive.track.npz")  # what this class writes into its root
+    OWN = (MANIFEST, "frames", TRACK_CACHE, AHEAD)  # what this class writes into its root
 
     def check_replaceable(self) -> None:
         """RetargetError when the root exists and holds anything this class did not write:
@@ -193,9 +197,10 @@ class WorkFolder:
                 raise RetargetError(f"--resume: the work folder {self.root} was made with other settings "
                                     f"({', '.join(changed)}); run without --resume to start over")
         elif self.root.exists():
-            # Start over, but keep the driving track (this run's, or one --resume checks before use).
+            # Start over, but keep the driving track (this run's, or one --resume checks before use)
+            # and the frames rendered while tracking (retarget.ahead moves the good ones in next).
             for p in self.root.iterdir():
-                if p.name == TRACK_CACHE:
+                if p.name in (TRACK_CACHE, AHEAD):
                     continue
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -394,9 +399,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     broken `out` (it is written under a temporary name and renamed at the end).
     """
     from render.video import open_video
-    from retarget.motion import (
-        nearest_frames, output_times, parse_gain, retarget_params, sample_params,
-    )
+    from retarget.motion import nearest_frames, parse_gain, retarget_params
     from retarget.weights import WeightsLayout
 
     from retarget.retake import is_video_actor, retake
@@ -432,8 +435,10 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
 
     stages = {"open": time.perf_counter() - t0}
 
-    # 2. the driving performance, and (relative mode) the actor's own resting expression; the
-    # pipeline loads in a thread meanwhile (when tracking is needed: else after this step).
+    # 2. the driving performance (and, relative mode, the actor's own resting expression) is
+    # tracked in a thread. Meanwhile this thread loads the pipeline (once the tracker has built its
+    # models), prepares the actor and renders the batches whose params are already final
+    # (retarget.ahead; kept only where they equal the final params).
     loading, pipe = None, None
 
     def start_loading(when: str = " while tracking") -> None:
@@ -443,36 +448,64 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
             load_pipeline(layout, opts, log, when, dry=True)
             loading = Background(lambda: load_pipeline(layout, opts, log=lambda *_: None), "retarget-load")
 
-    t = time.perf_counter()
+    built = threading.Event()  # the tracker's models exist (or it ended): loading others cannot race now
+    tracks_now = threading.Event()
+
+    def before_tracking() -> None:
+        start_loading()
+        tracks_now.set()
+        built.set()
+
+    # Relative mode's params need the whole track (its neutral frame): nothing renders ahead then,
+    # but `ahead` still stops the tracking when the job fails.
+    ahead = RenderAhead(work.root / AHEAD, _rows_to_params(opts, reader, gain), save=_save_png)
+
+    def performance():
+        try:
+            track, tracked = _driving_track(drive, layout, opts, work, device, log, reader,
+                                            before_tracking=before_tracking, observe=ahead.observe)
+            at, driver = output_params(track.times, track.params, track.fps, opts)
+            actor_neutral = driver_neutral = None
+            if opts.relative:
+                if loading is not None:  # tracking again builds models: not while the pipeline loads
+                    loading.wait()
+                actor_neutral = track_still(actor_path, layout, device)
+                driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
+                log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
+            return track, tracked, at, retarget_params(driver, gain, relative=opts.relative,
+                                                       driver_neutral=driver_neutral, actor_neutral=actor_neutral)
+        finally:
+            built.set()
+            ahead.finish()
+
+    tracking = Background(performance, "retarget-track")
+    performed = None
     try:
-        track, tracked = _driving_track(drive, layout, opts, work, device, log, reader, before_tracking=start_loading)
-        at = output_times(track.times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=track.fps)
-        driver = sample_params(track.times, track.params, at)
-        out_fps = opts.fps or track.fps
-        actor_neutral = driver_neutral = None
-        if opts.relative:
-            if loading is not None:  # tracking again builds models: not while the pipeline loads (see above)
-                pipe = loading.result()
-            actor_neutral = track_still(actor_path, layout, device)
-            driver_neutral, n, t_n = _driver_neutral(drive, track, opts, layout, device, reader)
-            log(f"relative mode: driver neutral = frame {n} ({t_n:.2f}s)")
-        params = retarget_params(driver, gain, relative=opts.relative,
-                                 driver_neutral=driver_neutral, actor_neutral=actor_neutral)
+        built.wait()
+        if not tracks_now.is_set():  # it ended (a track file; or it failed: that error before any loading)
+            performed = tracking.result()
+        # 3. identity and reference once, then the frames and the video at once (retarget.overlap).
+        start_loading("")
+        if loading is not None:
+            pipe = loading.result()
+        t = time.perf_counter()
+        r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb,
+                                           **({"pipe": pipe} if pipe is not None else {}))
+        stages["prepare"] = time.perf_counter() - t
+        batch = job_batch(r, opts, work, expected_frames(reader, opts), log)
+        ahead.render(r.render, batch)
+        track, tracked, at, params = performed or tracking.result()
     except BaseException:
+        ahead.cancel()  # the tracker stops at its next batch
         if loading is not None:
             loading.cancel()  # not waited for: the error is the user's answer now
+        tracking.cancel()
+        tracking.wait(timeout=30.0)
+        ahead.discard()
         raise
-    stages["track"] = time.perf_counter() - t
-
-    # 3. identity and reference once, then the frames and the video at once (retarget.overlap).
-    start_loading("")
-    if loading is not None and pipe is None:
-        pipe = loading.result()
+    stages["track"] = tracking.seconds
     stages["load"] = loading.seconds if loading is not None else 0.0
-    t = time.perf_counter()
-    r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb,
-                                       **({"pipe": pipe} if pipe is not None else {}))
-    stages["prepare"] = time.perf_counter() - t
+    out_fps = opts.fps or track.fps
     source = {"drive": file_fingerprint(drive) if drive.is_file() else str(drive.resolve())}
     preview = None
     if opts.preview != "none":
@@ -480,7 +513,8 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                    _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
                    _load_flame(layout))
     stats: dict = {}
-    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats, video=dict(
+    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats, batch=batch,
+                              ahead=ahead, video=dict(
         out=out, fps=out_fps, preview=preview,
         audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None))
     if not opts.keep_work:
@@ -558,21 +592,32 @@ def track_still(image_path: Path, layout, device: str) -> np.ndarray:
     return track.params[0]
 
 
+def job_batch(r: Rendering, opts: RunOptions, work: WorkFolder, frames: int, log) -> int:
+    """Frames per batch for this job (--batch, the renderer's choice, else from free memory), with
+    the --compile decision for a job of `frames` frames set up on `r` (retarget.compiling)."""
+    batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
+    from retarget import compiling
+
+    compiling.setup(r, opts.compile, frames=frames, batch=batch, log=log,
+                    previous=compiling.previous_choice(work.root / MANIFEST) if opts.resume else None)
+    return batch
+
+
 def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: RunOptions, layout, actor_path: Path,
-                   source: dict, log, *, video: dict | None = None, stats: dict | None = None) -> int:
+                   source: dict, log, *, video: dict | None = None, stats: dict | None = None,
+                   batch: int | None = None, ahead: RenderAhead | None = None) -> int:
     """Render every frame of `params` (T, 55) into the work folder, resuming when asked.
 
     Batches are aligned to multiples of the batch size, so a resumed run renders the same
     batches (bit-identical frames) as an uninterrupted one. Returns frames rendered now.
     video: the keyword arguments of `write_video` (out, fps, audio, preview): the video is
     written while the frames render (retarget.overlap), as write_video would write it after.
-    stats: filled as by `retarget.overlap.render_and_write` (the stages' times).
+    stats: filled as by `retarget.overlap.render_and_write` (the stages' times). batch: from
+    `job_batch` when called already (default: called here); ahead: the frames rendered while
+    tracking, moved in where their params are these (the others are rendered again).
     """
-    batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
-    from retarget import compiling
-
-    compiling.setup(r, opts.compile, frames=len(params), batch=batch, log=log,
-                    previous=compiling.previous_choice(work.root / MANIFEST) if opts.resume else None)
+    if batch is None:
+        batch = job_batch(r, opts, work, len(params), log)
     manifest = {
         **source, "actor": file_fingerprint(actor_path), "weights": str(layout.root.resolve()),
         "params": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16], "batch": batch,
@@ -581,8 +626,13 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
         **({"compiled": True} if r.compiled is not None else {}),  # compiled frames differ by rounding
     }
     work.start(manifest, opts.resume)
+    early = 0
+    if ahead is not None and ahead.rendered:
+        early = ahead.adopt(params, work.frame_path)
+        log(f"rendered {ahead.rendered} frames while tracking ({ahead.seconds:.1f}s); kept {early}"
+            + ("" if early == ahead.rendered else f", {ahead.rendered - early} to render again (their params changed)"))
     sink = _video_sink(r, params, opts, **video) if video else None
-    return _render_all(r, params, work, batch, log, sink=sink, stats=stats)
+    return early + _render_all(r, params, work, batch, log, sink=sink, stats=stats, early=early)
 
 
 def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, fps: float, opts: RunOptions, *,
@@ -690,15 +740,94 @@ def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
     return kept[3].paste(face)
 
 
+def _track_span(opts: RunOptions, reader) -> tuple[float | None, float | None]:
+    """(start, end) seconds of the driving video to track for --start/--end (None: its start / end):
+    one source frame more on each side, since --fps resamples between the frames around the ends."""
+    fps = reader.fps
+    lo = None if opts.start is None else max(0.0, opts.start - 1.0 / fps)
+    hi = None if opts.end is None else opts.end + 1.0 / fps
+    return lo, hi
+
+
+def output_params(times: np.ndarray, params: np.ndarray, fps: float, opts: RunOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(at (N,) seconds, driver (N, 55)): the output frames' times for --start/--end/--fps and the
+    track's params (times (T,), params (T, 55) at `fps`) sampled there."""
+    from retarget.motion import output_times, sample_params
+
+    at = output_times(times, start=opts.start, end=opts.end, fps=opts.fps, source_fps=fps)
+    return at, sample_params(times, params, at)
+
+
+def _rows_to_params(opts: RunOptions, reader, gain: dict):
+    """RenderAhead's params_of for this job: from the rows tracked so far (span times (T,), rows
+    (T, 55) NaN where invalid, valid (T,)), the job's params (M, 55) for the output frames
+    `first` .. `first + count` (rows outside them are NaN), computed as `run` computes them from
+    the whole track, and how many frames from 0 are final (at most first + count); None when
+    none can be (relative mode's params need the whole track; no face yet).
+
+    Only the rows around those frames are smoothed (a window with the smoothing's reach on each
+    side, starting at a valid row so that gaps fill as in the whole clip): the whole clip's rows
+    would cost seconds per batch on a long clip. One Euro is causal with a long memory: its
+    window starts at the first row."""
+    from retarget.ahead import EXTRA_ROWS, final_frames
+    from retarget.motion import output_times, retarget_params, sample_params
+    from tracking.smoothing import margin_frames
+    from tracking.tracker import TrackOptions, smooth_rows
+
+    if opts.relative or not RENDER_AHEAD or opts.track:
+        return lambda *_, **__: None
+    lo, hi = _track_span(opts, reader)
+    smoothing = TrackOptions(smoothing=opts.smooth).smoothing_params()
+    reach = margin_frames(smoothing["method"], reader.fps, **{k: v for k, v in smoothing.items() if k != "method"})[1]
+    pad = reach + EXTRA_ROWS + 1  # rows a frame's params reach on either side (and one spare)
+
+    def params_of(times: np.ndarray, rows: np.ndarray, valid: np.ndarray, first: int = 0, count: int | None = None):
+        inside = times >= (lo or 0.0) - 1e-6  # the rows track_video keeps
+        if hi is not None:
+            inside &= times < hi
+        keep = np.flatnonzero(inside)
+        if not len(keep) or not valid[keep].any():
+            return None
+        try:
+            at = output_times(times[keep], start=opts.start, end=opts.end, fps=opts.fps, source_fps=reader.fps)
+        except RetargetError:  # no output frame reached yet
+            return None
+        final = final_frames(at, times, valid, reach)
+        last = len(at) if count is None else min(len(at), first + count)
+        if first >= last:
+            return None
+        # The window of rows [a, b): from a valid row `pad` rows before the first frame's row (the
+        # first row for one_euro) to `pad` rows after the last frame's.
+        a = 0
+        if smoothing["method"] != "one_euro":
+            before = np.flatnonzero(valid[:max(0, int(np.searchsorted(times, at[first])) - pad) + 1])
+            a = int(before[-1]) if len(before) else 0
+        b = min(len(times), int(np.searchsorted(times, at[last - 1], side="right")) + pad)
+        smoothed = smooth_rows(rows[a:b], valid[a:b], times[a:b], smoothing)
+        inner = keep[(keep >= a) & (keep < b)]
+        out = np.full((len(at), rows.shape[1]), np.nan, np.float32)
+        out[first:last] = retarget_params(sample_params(times[inner], smoothed[inner - a], at[first:last]), gain)
+        return out, min(final, last)
+
+    return params_of
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    from render.storyboard import save_image
+
+    save_image(path, rgb)
+
+
 def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, device: str, log, reader,
-                   before_tracking=None):
+                   before_tracking=None, observe=None):
     """(track, frames tracked now): the --track file, the work folder's cached track when
     --resume finds one covering the range with the same smoothing, else a track of
     --start/--end only (tracking.tracker.track_video seeks there and adds the smoothing's
     margin). A cached track that does not cover the range is replaced by one of the whole range.
     before_tracking: called once, when tracking the video has built its models (not with --track
     or a cached track): loading other models in another thread before then would race with them
-    (accelerate's empty-weights loading patches torch.nn.Module for the whole process)."""
+    (accelerate's empty-weights loading patches torch.nn.Module for the whole process).
+    observe: track_video's, when the video is tracked now."""
     from tracking.track import Track
     from tracking.tracker import TrackOptions, source_sha256, summarize, track_video
 
@@ -710,10 +839,7 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
         raise RetargetError(f"--end {opts.end:g}s must be after --start {opts.start:g}s")
     if opts.start is not None and reader.duration_s > 0 and opts.start >= reader.first_time_s + reader.duration_s:
         raise RetargetError(f"--start {opts.start:g}s is at or after the end of {drive} ({reader.duration_s:.2f}s long)")
-    # One source frame more on each side: --fps resamples between the frames around the ends.
-    fps = reader.fps
-    lo = None if opts.start is None else max(0.0, opts.start - 1.0 / fps)
-    hi = None if opts.end is None else opts.end + 1.0 / fps
+    lo, hi = _track_span(opts, reader)
     topts = TrackOptions(smoothing=opts.smooth, device=device, start=lo or 0.0, end=hi)
     cached = work.root / TRACK_CACHE
     if opts.resume and cached.is_file():
@@ -728,7 +854,7 @@ def _driving_track(drive: Path, layout, opts: RunOptions, work: WorkFolder, devi
 
     factory = default_backend_factory(layout.optional("face_landmarker"))
     stats: dict = {}
-    track = track_video(drive, smirk_path=layout.smirk_ckpt, options=topts, stats=stats,
+    track = track_video(drive, smirk_path=layout.smirk_ckpt, options=topts, stats=stats, observe=observe,
                         backend_factory=CallAfter(factory, before_tracking) if before_tracking else factory)
     log(f"{summarize(track)}; tracked {stats['frames_tracked']} frames (with the smoothing's margin)")
     work.root.mkdir(parents=True, exist_ok=True)
@@ -766,7 +892,7 @@ def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, r
 
 
 def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, log, *, sink=None,
-                stats: dict | None = None) -> int:
+                stats: dict | None = None, early: int = 0) -> int:
     """Render every frame missing from `work`, `batch` frames at a time (through `r.render`);
     halve the batch and retry on out-of-memory; with `sink` (`_video_sink`), write the video
     meanwhile (retarget.overlap). Returns how many frames were rendered now."""
@@ -776,8 +902,8 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
     batches = [list(range(s, min(n, s + batch))) for s in range(0, n, batch)]
     todo = [b for b in batches if not all(work.has(i) for i in b)]
     saved = set(range(n)).difference(*todo)
-    if saved:
-        log(f"resuming: {len(saved)} of {n} frames already rendered")
+    if len(saved) > early:  # early: rendered by this job while tracking (not a resumed run's)
+        log(f"resuming: {len(saved) - early} of {n} frames already rendered")
     return render_and_write(r.render(todo, params), n, save=work.save_frame, load=work.load, sink=sink,
                             saved=saved, batch=batch, progress=_bars, stats=stats)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -226,6 +227,12 @@ def dlib_predictor_path() -> Path:
     )
 
 
+# dlib's detector and predictor are shared by every backend of the process (`_dlib_models`) and
+# are not safe to call from two threads at once (seen: heap corruption when a job found the
+# actor's face while its clip was tracked in another thread): each call holds this lock.
+DLIB_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _dlib_models():
     """(HOG detector, 68-point predictor), loaded once per process."""
@@ -280,7 +287,8 @@ class DlibBackend:
             else:
                 small, sx, sy = image, 1.0, 1.0
             upsample = 1 if max(small.shape[:2]) < self.upsample_below else 0
-            rects, scores, _ = detector.run(small, upsample, self.adjust_threshold)
+            with DLIB_LOCK:
+                rects, scores, _ = detector.run(small, upsample, self.adjust_threshold)
             if len(rects):
                 # dlib rectangles are inclusive pixel indices; the box edges are left and
                 # right + 1, scaled back to full-resolution edges.
@@ -310,8 +318,9 @@ class DlibBackend:
         rect = dlib.rectangle(
             int(round(bbox[0])), int(round(bbox[1])), int(round(bbox[2])) - 1, int(round(bbox[3])) - 1
         )
-        shape = predictor(image, rect)
-        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        with DLIB_LOCK:
+            shape = predictor(image, rect)
+            points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
         return self._face(np.asarray(bbox, dtype=np.float32), float(score), points)
 
     def landmarks_in_box(self, image_rgb: np.ndarray, bbox: np.ndarray, score: float = 0.0) -> Face:
@@ -366,7 +375,8 @@ class DlibBackend:
                             interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
         sx, sy = size[0] / (x1 - x0), size[1] / (y1 - y0)
         _, detector, _ = self._models()
-        rects, scores, _ = detector.run(window, 0, self.adjust_threshold)
+        with DLIB_LOCK:
+            rects, scores, _ = detector.run(window, 0, self.adjust_threshold)
         best, best_iou = None, self.TRACK_MIN_IOU
         for r, score in zip(rects, scores):
             box = np.array([r.left() / sx + x0, r.top() / sy + y0,

@@ -392,11 +392,14 @@ def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
 
 
 def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_size: int,
-                    on_frame: Callable[[int], object]) -> tuple[list[float], list[np.ndarray], list[bool]]:
+                    on_frame: Callable[[int], object], observe: Callable | None = None,
+                    ) -> tuple[list[float], list[np.ndarray], list[bool]]:
     """Follow the subject through `stream` ((frame, faces) in order, from detect_stream) and
     SMIRK-encode its crops in batches of `batch_size`. Returns per frame: time in seconds,
     the 55-d float32 vector (NaN where the subject was not found) and whether it was found.
-    `on_frame(1)` is called after each frame (a progress bar's update)."""
+    `on_frame(1)` is called after each frame (a progress bar's update); `observe`, after each
+    encoder batch, gets (times, rows, valid) of every frame so far, as new lists: all settled,
+    since no crop is left waiting for the encoder then."""
     from tracking.faces import follow_subject
 
     times: list[float] = []
@@ -412,6 +415,8 @@ def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_si
                 raw_rows[row] = vec
             crops.clear()
             crop_rows.clear()
+            if observe is not None:
+                observe(list(times), list(raw_rows), list(valid))
 
     previous, last_seen = None, None
     nan_row = np.full(N_PARAMS, np.nan, np.float32)
@@ -470,7 +475,7 @@ def _span_start(reader, start: float, before: int, every: int) -> float:
 def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                 landmarker_path: str | os.PathLike | None = None, options: TrackOptions | None = None,
                 progress: bool = True, backend_factory: Callable[[], object] | None = None,
-                stats: dict | None = None) -> Track:
+                stats: dict | None = None, observe: Callable | None = None) -> Track:
     """Track the subject's face through a video file, a folder of images or one image.
 
     smirk_path: the SMIRK checkpoint (release or tiny). landmarker_path: MediaPipe's
@@ -493,6 +498,9 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     (`Track.range_start/range_end`). stats: a dict that receives `frames_decoded` (by the
     decoder, those dropped after the seek included), `frames_tracked` (through the face
     finder and encoder), `frames_kept` (in the track) and `margin_frames` (before, after).
+    observe: called in this thread after each encoder batch with (times, raw rows, valid) of
+    every frame tracked so far (see `smooth_rows` for what they give); an exception it raises
+    stops the tracking (retarget.ahead renders while tracking with it).
     """
     import torch
 
@@ -546,7 +554,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                 frames = prefetch(frames, options.decode_ahead)
             stream = detect_stream(frames, backend, workers=workers, pool=pool,
                                    redetect_every=options.redetect_every)
-            times, raw_rows, valid = _encode_subject(stream, encoder, batch_size, bar.update)
+            times, raw_rows, valid = _encode_subject(stream, encoder, batch_size, bar.update, observe)
         except torch.cuda.OutOfMemoryError:
             raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
         finally:
@@ -569,14 +577,24 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
         what = "the image" if reader.kind == "image" else f"any of the {len(keep)} frames"
         raise RetargetError(f"no face found in {what} of {path} (face backend: {backend.name})")
     raw = np.stack(raw_rows).astype(np.float32)
-    filled = sm.fill_invalid(raw, valid_arr, times_arr)
-    params = sm.smooth(filled, times_arr, smoothing["method"], **smooth_params)
+    params = smooth_rows(raw, valid_arr, times_arr, smoothing)
     # The first frame after the range tells where it ends; none: the source ended.
     range_end = float(times_arr[keep[-1] + 1]) if keep[-1] + 1 < len(times_arr) else math.inf
     return Track(raw=raw[keep], params=params[keep], valid=valid_arr[keep], times=times_arr[keep],
                  fps=reader.fps, source=str(path), source_sha256=source_sha256(path), backend=backend.name,
                  weights_id=weights_identity(smirk_path), smoothing=smoothing, range_start=start,
                  range_end=range_end)
+
+
+def smooth_rows(raw: np.ndarray, valid: np.ndarray, times: np.ndarray, smoothing: dict) -> np.ndarray:
+    """A track's `params` from its tracked rows: frames without a face filled from their
+    neighbours in time, then smoothed (`smoothing`: TrackOptions.smoothing_params()).
+    raw: (T, 55) float32, NaN where invalid; valid: (T,) bool, at least one True; times: (T,)
+    seconds. Returns (T, 55) float32, for every row of the span (track_video cuts it to the range).
+    Row i depends only on the rows within the smoothing's reach of it (`smoothing.margin_frames`)
+    and, for a row without a face, on the valid rows on either side of its gap."""
+    filled = sm.fill_invalid(raw, valid, times)
+    return sm.smooth(filled, times, smoothing["method"], **{k: v for k, v in smoothing.items() if k != "method"})
 
 
 def track_range(path: str | os.PathLike, start: float, end: float | None = None, *,

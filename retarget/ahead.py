@@ -1,0 +1,168 @@
+"""Render ahead: a job's first batches render while the rest of its clip is still being tracked.
+
+A driving frame's params depend only on the tracked rows near it: the smoothing's reach
+(`tracking.smoothing.margin_frames`), the valid rows on either side of a gap (filling), the two
+rows around an output time (--fps resampling). So once the tracker is far enough past a frame,
+that frame's params are known, though the clip is not tracked to its end.
+
+`RenderAhead` gets the rows as the tracker settles them (`observe`, called in the tracking
+thread), computes the job's params from them with the job's own function (`params_of`), and
+renders, one batch at a time, the full batches whose frames the margin says are final (`render`,
+in the job's thread), saving their frames under `folder`. When tracking has ended, `adopt`
+compares the params each batch was rendered with to the job's final params, bit for bit, and
+moves the batches that match into the work folder, where the render loop finds them already
+rendered; a batch that does not match is dropped and rendered again there. So the video is the
+one rendered after tracking, whatever the margin guessed: the margin decides only how much of
+the work is kept.
+
+Batches are the job's own, [kB, (k+1)B): the same frames in the same shapes, so the same bits
+(retarget.run's --resume relies on the same). This module imports nothing from retarget.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+# Batches whose params one computation gives (it smooths only the rows around them).
+AHEAD_BATCHES = 4
+
+# Rows beyond the smoothing's reach that a frame must lie behind the last valid tracked row:
+# one for --fps resampling (an output time between two rows needs the later one), one spare.
+EXTRA_ROWS = 2
+
+
+class Cancelled(Exception):
+    """Raised by `observe` in the tracking thread once the job has failed: tracking stops."""
+
+
+def final_frames(at: np.ndarray, times: np.ndarray, valid: np.ndarray, reach_rows: int) -> int:
+    """How many of the output frames at times `at` (seconds, increasing) have params that more
+    tracked rows cannot change: those at or before the row `reach_rows + EXTRA_ROWS` rows ahead
+    of the last valid row tracked so far (rows after it are held from it, not yet interpolated).
+    times, valid: (T,) of the rows tracked so far."""
+    found = np.flatnonzero(np.asarray(valid, bool))
+    if not len(found):
+        return 0
+    limit = int(found[-1]) - int(reach_rows) - EXTRA_ROWS
+    if limit < 0:
+        return 0
+    return int(np.searchsorted(np.asarray(at, np.float64), float(times[limit]) + 1e-9, side="right"))
+
+
+class RenderAhead:
+    """Frames rendered before the end of tracking, kept only where their params are the job's.
+
+    folder: where the frames wait (emptied now; `adopt` or `discard` removes it);
+    params_of(times (T,), rows (T, 55), valid (T,), first=, count=) -> (params (M, 55), final) or
+    None: the job's params for output frames first .. first + count of the M the rows so far reach
+    (the others may be NaN), and how many frames from 0 are final;
+    save(path, rgb): writes one PNG.
+    """
+
+    def __init__(self, folder: Path, params_of: Callable, save: Callable[[Path, np.ndarray], None]):
+        self.folder, self.params_of, self.save = Path(folder), params_of, save
+        shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's frames: never checked
+        self._cond = threading.Condition()
+        self._rows = None  # the latest (times, rows, valid) from the tracker
+        self._fresh = False
+        self._done = False
+        self._cancelled = False
+        self.used: dict[int, tuple[list[int], np.ndarray]] = {}  # first frame -> (indices, params rows)
+        self.seconds = 0.0  # spent rendering ahead
+        self.kept = 0
+
+    # ------------------------------------------------------------------ the tracking thread
+    def observe(self, times: list, rows: list, valid: list) -> None:
+        """tracking.tracker.track_video's `observe`: the rows tracked so far (all settled)."""
+        with self._cond:
+            if self._cancelled:
+                raise Cancelled()
+            self._rows, self._fresh = (times, rows, valid), True
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Tracking has ended (done or failed): `render` returns after its current batch."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """The job failed: the next `observe` stops the tracking; `render` stops too."""
+        with self._cond:
+            self._cancelled = self._done = True
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the job's thread
+    def render(self, render: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]],
+               batch: int) -> int:
+        """Render final full batches of `batch` frames in order with `render` (Rendering.render's
+        signature) until tracking has ended; returns the frames rendered. The PNGs are written in
+        a thread while the next batch renders."""
+        t0 = time.perf_counter()
+        start, rendered = 0, 0
+        params, final = None, 0
+        with ThreadPoolExecutor(1, thread_name_prefix="retarget-ahead-save") as saver:
+            pending = []
+            while True:
+                with self._cond:
+                    while not self._done and not self._fresh and start + batch > final:
+                        self._cond.wait()
+                    if self._done:
+                        break
+                    # New params only when the next batch needs them: on a long clip each
+                    # computation smooths every row so far (~0.25 s at 90,000 rows).
+                    rows = self._rows if self._fresh and start + batch > final else None
+                    self._fresh = self._fresh and rows is None
+                if rows is not None:
+                    got = self.params_of(np.asarray(rows[0], np.float64), np.stack(rows[1]).astype(np.float32),
+                                         np.asarray(rows[2], bool), first=start, count=AHEAD_BATCHES * batch)
+                    if got is not None:
+                        params, final = got[0], int(got[1])
+                if params is None or start + batch > final:
+                    continue
+                idx = list(range(start, start + batch))
+                self.folder.mkdir(parents=True, exist_ok=True)
+                used = np.array(params[idx], np.float32, copy=True)
+                for got_idx, images in render([idx], params):
+                    pending.extend(saver.submit(self.save, self._path(i), img) for i, img in zip(got_idx, images))
+                self.used[start] = (idx, used)
+                start += batch
+                rendered += batch
+                for f in pending:  # a failed save (disk full) stops the job here, not at the end
+                    if f.done():
+                        f.result()
+            for f in pending:
+                f.result()
+        self.seconds = time.perf_counter() - t0
+        return rendered
+
+    def adopt(self, params: np.ndarray, dest: Callable[[int], Path]) -> int:
+        """Move the frames of every batch rendered with exactly the job's final `params` (T, 55)
+        rows to dest(i); drop the others. Returns the frames kept; removes the folder."""
+        kept = 0
+        for idx, used in self.used.values():
+            if idx[-1] < len(params) and np.array_equal(np.asarray(params[idx], np.float32), used):
+                for i in idx:
+                    os.replace(self._path(i), dest(i))
+                kept += len(idx)
+        self.kept = kept
+        self.discard()
+        return kept
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @property
+    def rendered(self) -> int:
+        return sum(len(idx) for idx, _ in self.used.values())
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i:06d}.png"
