@@ -312,6 +312,11 @@ class Background:
         value, self._value = self._value, None
         return value
 
+    @property
+    def failed(self) -> bool:
+        """`fn` ended with an error (result() raises it)."""
+        return not self._thread.is_alive() and self._error is not None
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for `fn` to end (at most `timeout` s), without taking its result."""
         self._thread.join(timeout)

@@ -487,6 +487,10 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
         # 3. identity and reference once, then the frames and the video at once (retarget.overlap).
         start_loading("")
         if loading is not None:
+            while loading.alive and not tracking.failed:  # a tracking error does not wait for the load
+                loading.wait(0.05)
+            if tracking.failed:
+                tracking.result()
             pipe = loading.result()
         t = time.perf_counter()
         r = (prepare or prepare_rendering)(layout, actor_path, opts, log, actor_rgb=actor_rgb,
