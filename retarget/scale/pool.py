@@ -217,6 +217,12 @@ class RayPool:
         self.alive = set(range(n))
         self._starting = {a.info.remote(): i for i, a in enumerate(self.actors)}
         self._notes.append(f"ray: {where}, actor state: {o.actor_state}")
+        # The prepared Actor comes back pickled: unpickling it imports retarget.pipeline (torch,
+        # diffusers, transformers: as long as the worker's own imports). Import it now, while the
+        # workers start, not after the first one has prepared.
+        import retarget.pipeline  # noqa: F401
+
+        self.timeline.mark("driver_imported")
 
     def _wait_ready(self, need: int = 1) -> None:
         """Block until at least `need` workers have loaded (or every worker failed to)."""

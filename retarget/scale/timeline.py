@@ -11,35 +11,38 @@ from __future__ import annotations
 import time
 
 # The driver's marks, in the order a job passes them. Within each chain a mark is never earlier than
-# the one before it: (ray imported, connected, actors asked), (prepare asked, prepare done, first
-# batch sent, first frames back, last frames back). "worker ready" (the first worker's own mark) is
+# the one before it (CHAINS): (ray imported, connected, actors asked), (prepare asked, prepare done,
+# first batch sent, first frames back, last frames back). "worker ready" (the first worker's own
+# mark) and "driver imported" (the driver has imported what unpickling the prepared actor needs) are
 # after "actors asked" and before "prepare done"; "run" (run() called) is where the driver's own work
 # starts, the background start overlapping it.
-MARKS = ("run_on_ray", "ray_imported", "connected", "actors_asked", "run", "prepare_asked", "worker_ready",
+MARKS = ("run_on_ray", "ray_imported", "connected", "actors_asked", "driver_imported", "run", "prepare_asked", "worker_ready",
          "prepare_done", "first_batch_sent", "first_frames_back", "last_frames_back")
 CHAINS = (("run_on_ray", "ray_imported", "connected", "actors_asked", "worker_ready", "prepare_done"),
+          ("actors_asked", "driver_imported", "prepare_done"),
           ("run_on_ray", "run", "prepare_asked", "prepare_done", "first_batch_sent", "first_frames_back",
            "last_frames_back"))
 JOB_MARKS = ("prepare_asked", "prepare_done", "first_batch_sent", "first_frames_back", "last_frames_back")
 
 
 def process_start_time() -> float | None:
-    """When this process started (seconds since the epoch): psutil, else /proc/self/stat; None where
-    neither can tell."""
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:
-        pass
+    """When this process started (seconds since the epoch): from /proc (to 10 ms: its start in clock
+    ticks after boot, against /proc/uptime), else psutil (on Linux it rounds the boot time to the
+    second), else None."""
     try:
         import os
 
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks after boot
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
     except Exception:
         return None
 
