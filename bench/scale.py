@@ -41,7 +41,8 @@ with the worker's own figures (prepare, wait for the first batch, render sum, id
 `direct` vs `ray` charges the Ray worker a fresh process's costs that this warm process no longer
 pays (CUDA context, first kernels): it overstates the overhead a user sees; `cli_*` compares
 like with like.
-Writes bench/results/scale_<device>_<date>.json.
+Writes bench/results/scale_<device>_<date>.json (`--out`), and after every job its .partial.json
+(the rows so far: a run stopped by a time limit keeps the jobs it finished).
 """
 
 from __future__ import annotations
@@ -365,6 +366,20 @@ def main(argv=None) -> int:
         connect_s = time.perf_counter() - t0
         ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
         rows = []
+        gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
+        out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{dt.date.today().isoformat()}.partial.json"
+
+        def keep(row: dict) -> None:
+            """The row so far, on disk at once (a run cut short by a time limit keeps its jobs), and its breakdown."""
+            rows.append(row)
+            partial.write_text(json.dumps(dict(device=gpu, frames=frames, batch=batch, steps=steps, complete=False,
+                                               connect_s=connect_s, rows=rows), indent=2))
+            b = breakdown(row)
+            print(f"  {row['variant']} run {row['run']}: " + ", ".join(f"{c} {b[c]:.1f}s" for c in COLUMNS if c in b)
+                  + (f" | timeline: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in row["timeline"]["marks"].items())
+                     if row.get("timeline") else ""), flush=True)
         for k in range(args.repeat):
             for variant in variants:
                 out = work / f"{variant}{k}.mp4"
@@ -374,7 +389,7 @@ def main(argv=None) -> int:
                         row = cli_job(name, inputs, opts, weights, dataclasses.replace(ray_opts, workers=n),
                                       work / f"{name}{k}.mp4", faces)
                         row.update(run=k, workers=n)
-                        rows.append(row)
+                        keep(row)
                         print(f"{name:11s} run {k}: job {row['job_s']:7.1f}s {row['job_fps']:7.2f} frames/s", flush=True)
                     continue
                 if variant.startswith("cli_"):
@@ -383,7 +398,7 @@ def main(argv=None) -> int:
                 else:
                     row = one_job(variant, inputs[:2], opts, weights, ray_opts, out)
                 row["run"] = k
-                rows.append(row)
+                keep(row)
                 render = f"render {row['render_fps']:7.2f} frames/s" if "render_fps" in row else (
                     f"in run() {row['run_s']:6.1f}s" + (f", worker ready after {row['worker_start_s']:.1f}s"
                                                         if "worker_start_s" in row else ""))
@@ -424,16 +439,14 @@ def main(argv=None) -> int:
             f"{k} {np.median([s[k] for s in starts if k in s]):.1f}" for k in starts[0]))
     print(f"ray.init: {connect_s:.1f}s (not in the jobs)")
     seconds = print_breakdown(rows)
-    gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
                 host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
                 overhead=over, seconds=seconds, frames_identical=identical, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{info['date']}.json"
-    (out / name).write_text(json.dumps(info, indent=2))
-    print(f"wrote {out / name}")
+    final = partial.with_name(partial.name.replace(".partial", ""))
+    final.write_text(json.dumps(info, indent=2))
+    partial.unlink(missing_ok=True)
+    print(f"wrote {final}")
     return 0
 
 
