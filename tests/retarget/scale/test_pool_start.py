@@ -110,3 +110,26 @@ def test_worker_threads_applied_and_alignment_unchanged(tiny_weights):
         assert w.stats()["job"]["prepare_s"] > 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_background_start_error_surfaces_at_prepare(tiny_weights, tmp_path, monkeypatch):
+    """An error of the start thread (here: what a cluster without GPU gives --device cuda) is raised
+    by prepare, in the caller's thread, with its own message; close() waits for the thread."""
+    from render.storyboard import save_image
+    from retarget.run import RunOptions
+    from retarget.samples import sample_actor
+    from retarget.scale.pool import RayPool
+    from retarget.weights import WeightsLayout
+
+    def no_gpu(self):
+        raise RetargetError("--device cuda: the Ray cluster has no GPU")
+
+    monkeypatch.setattr(RayPool, "_start_now", no_gpu)
+    actor = tmp_path / "actor.png"
+    save_image(actor, sample_actor())
+    layout, opts = WeightsLayout(tiny_weights), RunOptions(device="cpu")
+    with RayPool(RayOptions(), layout, opts, log=lambda *_: None) as pool:
+        pool.start_async()  # returns at once: the error is the thread's
+        with pytest.raises(RetargetError, match="^--device cuda: the Ray cluster has no GPU$"):
+            pool.prepare(layout, actor, opts, lambda *_: None)
+    assert not pool._starter.is_alive()
