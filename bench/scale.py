@@ -27,8 +27,8 @@ start goes (scheduling, process start, imports, CUDA, models, face finder). Targ
 Then where each variant's seconds go (medians; the columns add up to the job):
 
     to run()     process launched -> run() entered: Python's start, the CLI's imports (cli_* only)
-    run->render  run() entered -> first batch asked: open, track, model load (direct) or waiting for
-                 the worker (Ray), prepare
+    run->render  run() entered -> first batch asked: the heavy imports (torch, diffusers: run() makes
+                 them), open, track, model load (direct) or waiting for the worker (Ray), prepare
     prepare      of run->render: the actor's preparation (Ray: the wait for a ready worker included)
     render       first batch asked -> last frame rendered
     write tail   last frame rendered -> the video renamed into place
@@ -37,7 +37,8 @@ Then where each variant's seconds go (medians; the columns add up to the job):
 and for Ray variants the job's timeline (seconds since the driver process started: ray imported,
 connected, actors asked, driver imported (retarget.pipeline, which unpickling the prepared actor
 needs), worker ready, prepare asked/done, first batch sent, first/last frames back)
-with the worker's own figures (prepare, wait for the first batch, render sum, idle between batches).
+with the worker's own figures (prepare, wait for the first batch, render sum, idle between batches),
+the marks in time order.
 `direct` vs `ray` charges the Ray worker a fresh process's costs that this warm process no longer
 pays (CUDA context, first kernels): it overstates the overhead a user sees; `cli_*` compares
 like with like.
@@ -266,7 +267,8 @@ def breakdown(row: dict) -> dict:
     return out
 
 
-TIMELINE = ("ray_imported", "connected", "actors_asked", "driver_imported", "run", "worker_ready", "prepare_asked", "prepare_done",
+TIMELINE = ("ray_imported", "connected", "actors_asked", "driver_imported", "run", "worker_ready", "prepare_asked",
+            "prepare_done",
             "first_batch_sent", "first_frames_back", "last_frames_back")
 WORKER = ("prepare_s", "wait_first_s", "render_s", "idle_s", "batches", "threads")
 
@@ -283,15 +285,17 @@ def print_breakdown(rows: list[dict]) -> dict:
             marks = {k: float(np.median([t["marks"][k] for t in tls])) for k in TIMELINE
                      if all(k in t["marks"] for t in tls)}
             ws = [t["workers"][0] for t in tls if t["workers"]]
-            worker = {k: float(np.median([w[k] for w in ws])) for k in WORKER if ws and all(w.get(k) is not None for w in ws)}
+            worker = {k: float(np.median([w[k] for w in ws])) for k in WORKER
+                      if ws and all(w.get(k) is not None for w in ws)}
             lines[v] = {"marks": marks, "worker0": worker}
-    print(f"\nwhere the seconds go (median s; to run() + run->render + render + write tail + after run = job)")
+    print("\nwhere the seconds go (median s; to run() + run->render + render + write tail + after run = job)")
     print(f"{'variant':12s}" + "".join(f"{c:>12s}" for c in COLUMNS))
     for v in variants:
         print(f"{v:12s}" + "".join(f"{table[v][c]:12.1f}" if c in table[v] else f"{'-':>12s}" for c in COLUMNS))
     for v, tl in lines.items():
         print(f"{v} timeline (s since the driver process started): "
-              + ", ".join(f"{k.replace('_', ' ')} {t:.1f}" for k, t in tl["marks"].items()))
+              + ", ".join(f"{k.replace('_', ' ')} {t:.1f}"
+                          for k, t in sorted(tl["marks"].items(), key=lambda kv: kv[1])))
         if tl["worker0"]:
             print(f"{v} worker 0: " + ", ".join(f"{k.replace('_s', '').replace('_', ' ')} {t:.1f}"
                                                 + ("" if k in ("batches", "threads") else "s")
@@ -378,7 +382,9 @@ def main(argv=None) -> int:
                                                connect_s=connect_s, rows=rows), indent=2))
             b = breakdown(row)
             print(f"  {row['variant']} run {row['run']}: " + ", ".join(f"{c} {b[c]:.1f}s" for c in COLUMNS if c in b)
-                  + (f" | timeline: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in row["timeline"]["marks"].items())
+                  + (" | timeline: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
+                                                 for k, v in sorted(row["timeline"]["marks"].items(),
+                                                                    key=lambda kv: kv[1]))
                      if row.get("timeline") else ""), flush=True)
         for k in range(args.repeat):
             for variant in variants:
@@ -418,7 +424,8 @@ def main(argv=None) -> int:
         print(f"{v:12s} {med[v]['job_fps']:14.2f} {render}")
     over = {}
     ray_cli = "cli_ray" if "cli_ray" in med else f"cli_ray_x{worker_counts[0]}"
-    for kind, (d, r) in (("command", ("cli_direct", ray_cli)), ("command, 1 worker thread", ("cli_direct", "cli_ray_t1")),
+    for kind, (d, r) in (("command", ("cli_direct", ray_cli)),
+                         ("command, 1 worker thread", ("cli_direct", "cli_ray_t1")),
                          ("cold", ("direct", "ray")), ("warm", ("direct_warm", "ray_warm"))):
         if d in med and r in med:
             over[kind] = {m: med[d][m] / med[r][m] - 1 for m in metrics if m in med[d] and m in med[r]}
@@ -442,7 +449,8 @@ def main(argv=None) -> int:
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
                 host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
-                overhead=over, seconds=seconds, frames_identical=identical, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
+                overhead=over, seconds=seconds, frames_identical=identical,
+                faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
     final = partial.with_name(partial.name.replace(".partial", ""))
     final.write_text(json.dumps(info, indent=2))
     partial.unlink(missing_ok=True)

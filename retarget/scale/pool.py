@@ -11,6 +11,7 @@ frame's noise depends only on (seed, frame index).
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
 import time
@@ -200,7 +201,8 @@ class RayPool:
             load["threads"] = o.worker_threads or max(1, min(4, cpus // gpus))
             where = f"{n} GPU worker(s) of {load['threads']} CPU thread(s) (the cluster has {gpus} GPUs)"
             if n > gpus:
-                self._notes.append(f"warning: --ray-workers {n} but the cluster has {gpus} GPUs; the rest wait for GPUs")
+                self._notes.append(f"warning: --ray-workers {n} but the cluster has {gpus} GPUs; "
+                                   "the rest wait for GPUs")
         else:
             if self.load["device"] == "cuda":
                 raise RetargetError("--device cuda: the Ray cluster has no GPU")
@@ -220,7 +222,7 @@ class RayPool:
         # The prepared Actor comes back pickled: unpickling it imports retarget.pipeline (torch,
         # diffusers, transformers: as long as the worker's own imports). Import it now, while the
         # workers start, not after the first one has prepared.
-        import retarget.pipeline  # noqa: F401
+        importlib.import_module("retarget.pipeline")
 
         self.timeline.mark("driver_imported")
 

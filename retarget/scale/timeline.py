@@ -16,8 +16,8 @@ import time
 # mark) and "driver imported" (the driver has imported what unpickling the prepared actor needs) are
 # after "actors asked" and before "prepare done"; "run" (run() called) is where the driver's own work
 # starts, the background start overlapping it.
-MARKS = ("run_on_ray", "ray_imported", "connected", "actors_asked", "driver_imported", "run", "prepare_asked", "worker_ready",
-         "prepare_done", "first_batch_sent", "first_frames_back", "last_frames_back")
+MARKS = ("run_on_ray", "ray_imported", "connected", "actors_asked", "driver_imported", "run", "prepare_asked",
+         "worker_ready", "prepare_done", "first_batch_sent", "first_frames_back", "last_frames_back")
 CHAINS = (("run_on_ray", "ray_imported", "connected", "actors_asked", "worker_ready", "prepare_done"),
           ("actors_asked", "driver_imported", "prepare_done"),
           ("run_on_ray", "run", "prepare_asked", "prepare_done", "first_batch_sent", "first_frames_back",
