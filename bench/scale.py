@@ -13,6 +13,8 @@ operate is already running; the connect time is reported apart).
                  start, imports, CUDA, model load, the job: what a user waits for (the default pair)
     cli_ray      `retarget run --ray` in a fresh process joining the running cluster: its worker's
                  process, imports, CUDA and model load overlap the driver's own start
+    cli_ray_t1   cli_ray with `--ray-worker-threads 1` (the GPU worker's host-side work on one CPU
+                 thread, as before that option): what the default threads buy (not in the default list)
     direct       models loaded inside the timed job, in this (already warm) process
     ray          one GPU worker started inside the timed job: a new process imports torch and
                  loads the models (what `retarget run --ray` costs when nothing overlaps it)
@@ -22,10 +24,26 @@ operate is already running; the connect time is reported apart).
 Reported: job seconds and frames/s, render-stage frames/s (first batch asked to last frame
 saved; in-process variants), Ray's overhead (direct / ray - 1) per pair, and where a cold worker's
 start goes (scheduling, process start, imports, CUDA, models, face finder). Target: <= 5%.
+Then where each variant's seconds go (medians; the columns add up to the job):
+
+    to run()     process launched -> run() entered: Python's start, the CLI's imports (cli_* only)
+    run->render  run() entered -> first batch asked: the heavy imports (torch, diffusers: run() makes
+                 them), open, track, model load (direct) or waiting for the worker (Ray), prepare
+    prepare      of run->render: the actor's preparation (Ray: the wait for a ready worker included)
+    render       first batch asked -> last frame rendered
+    write tail   last frame rendered -> the video renamed into place
+    after run    run() returned -> process gone (Ray: stats, actors killed, disconnect; exit)
+
+and for Ray variants the job's timeline (seconds since the driver process started: ray imported,
+connected, actors asked, driver imported (retarget.pipeline, which unpickling the prepared actor
+needs), worker ready, prepare asked/done, first batch sent, first/last frames back)
+with the worker's own figures (prepare, wait for the first batch, render sum, idle between batches),
+the marks in time order.
 `direct` vs `ray` charges the Ray worker a fresh process's costs that this warm process no longer
 pays (CUDA context, first kernels): it overstates the overhead a user sees; `cli_*` compares
 like with like.
-Writes bench/results/scale_<device>_<date>.json.
+Writes bench/results/scale_<device>_<date>.json (`--out`), and after every job its .partial.json
+(the rows so far: a run stopped by a time limit keeps the jobs it finished).
 """
 
 from __future__ import annotations
@@ -150,16 +168,20 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
         cmd += ["--ray", "--ray-workers", str(ray_opts.workers or 1)]
         if ray_opts.cpus_per_worker:
             cmd += ["--ray-cpus-per-worker", str(ray_opts.cpus_per_worker)]
+        if ray_opts.worker_threads:
+            cmd += ["--ray-worker-threads", str(ray_opts.worker_threads)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    t0 = time.perf_counter()
+    if opts.device == "cpu":  # --tiny: one thread, as the one 1-CPU worker (fp32 sums round by thread count)
+        env["OMP_NUM_THREADS"] = "1"
+    launch, t0 = time.time(), time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    job_s = time.perf_counter() - t0
+    job_s, ended = time.perf_counter() - t0, time.time()
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     text = done.stdout + done.stderr
     m = re.search(r"done: (\d+) frames .* in ([\d.]+)s", text)
     row = dict(variant=variant, frames=int(m.group(1)), job_s=job_s, job_fps=int(m.group(1)) / job_s,
-               run_s=float(m.group(2)))  # run_s: inside run(), after the process's start and imports
+               run_s=float(m.group(2)), launch=launch, ended=ended)  # run_s: inside run(), after the process's start and imports
     import hashlib
     import json
 
@@ -169,7 +191,7 @@ def cli_job(variant: str, inputs, opts, weights, ray_opts, out: Path, faces: str
         digest.update(png.read_bytes())
     row["frames_sha256"] = digest.hexdigest()[:16]
     shutil.rmtree(work.parent, ignore_errors=True)
-    for name, blob in re.findall(r"^BENCH (stages|workers|worker-ready|host) (.*)$", text, flags=re.M):
+    for name, blob in re.findall(r"^BENCH (stages|workers|worker-ready|host|timeline|process) (.*)$", text, flags=re.M):
         row[name] = json.loads(blob)
     ready = re.search(r"ray: worker 0 ready after ([\d.]+)s \((.*)\)", text)
     if ready:
@@ -211,18 +233,74 @@ def one_job(variant: str, inputs, opts, weights, ray_opts, out: Path) -> dict:
         t0 = time.perf_counter()
         if not warm:
             pool = RayPool(ray_opts, layout, opts, log=lambda *_: None)
-            pool.start()  # as run_on_ray: the worker loads while the driver reads the inputs
+            pool.start_async()  # as run_on_ray: the worker loads while the driver reads the inputs
         with pool:
             summary = run(*inputs, out, opts, prepare=timed_prepare(pool.prepare, stats), **quiet)
+            stats["timeline"] = pool.timeline_report()
     job_s = time.perf_counter() - t0
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return dict(variant=variant, frames=summary.frames, job_s=job_s, job_fps=summary.frames / job_s,
-                render_s=stats["render_s"], render_fps=stats["render_frames"] / stats["render_s"])
+    row = dict(variant=variant, frames=summary.frames, job_s=job_s, job_fps=summary.frames / job_s,
+               render_s=stats["render_s"], render_fps=stats["render_frames"] / stats["render_s"], stages=summary.stages)
+    if "timeline" in stats:
+        row["timeline"] = stats["timeline"]
+    return row
 
 
-VARIANTS = ("cli_direct", "cli_ray", "direct", "ray", "direct_warm", "ray_warm")
+VARIANTS = ("cli_direct", "cli_ray", "cli_ray_t1", "direct", "ray", "direct_warm", "ray_warm")
+COLUMNS = ("job", "to run()", "run->render", "prepare", "render", "write tail", "after run")
+
+
+def breakdown(row: dict) -> dict:
+    """Where a row's job seconds go (COLUMNS; see the module's docstring): from the process marks of
+    bench/cli_job.py and RunSummary.stages; in-process rows have only the stages."""
+    st = row.get("stages") or {}
+    out = {"job": row["job_s"]}
+    if st:
+        out.update({"run->render": st["total"] - st["render"] - st["write_tail"], "prepare": st["prepare"],
+                    "render": st["render"], "write tail": st["write_tail"]})
+    pm = row.get("process")
+    if pm and "run_start" in pm and "launch" in row:
+        out["to run()"] = pm["run_start"] - row["launch"]
+        out["after run"] = row["ended"] - pm["run_end"]
+    return out
+
+
+TIMELINE = ("ray_imported", "connected", "actors_asked", "driver_imported", "run", "worker_ready", "prepare_asked",
+            "prepare_done",
+            "first_batch_sent", "first_frames_back", "last_frames_back")
+WORKER = ("prepare_s", "wait_first_s", "render_s", "idle_s", "batches", "threads")
+
+
+def print_breakdown(rows: list[dict]) -> dict:
+    """The per-variant table of medians (COLUMNS) and, for Ray variants, the timeline; returns both."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    table, lines = {}, {}
+    for v in variants:
+        parts = [breakdown(r) for r in rows if r["variant"] == v]
+        table[v] = {c: float(np.median([p[c] for p in parts])) for c in COLUMNS if all(c in p for p in parts)}
+        tls = [r["timeline"] for r in rows if r["variant"] == v and r.get("timeline")]
+        if tls:
+            marks = {k: float(np.median([t["marks"][k] for t in tls])) for k in TIMELINE
+                     if all(k in t["marks"] for t in tls)}
+            ws = [t["workers"][0] for t in tls if t["workers"]]
+            worker = {k: float(np.median([w[k] for w in ws])) for k in WORKER
+                      if ws and all(w.get(k) is not None for w in ws)}
+            lines[v] = {"marks": marks, "worker0": worker}
+    print("\nwhere the seconds go (median s; to run() + run->render + render + write tail + after run = job)")
+    print(f"{'variant':12s}" + "".join(f"{c:>12s}" for c in COLUMNS))
+    for v in variants:
+        print(f"{v:12s}" + "".join(f"{table[v][c]:12.1f}" if c in table[v] else f"{'-':>12s}" for c in COLUMNS))
+    for v, tl in lines.items():
+        print(f"{v} timeline (s since the driver process started): "
+              + ", ".join(f"{k.replace('_', ' ')} {t:.1f}"
+                          for k, t in sorted(tl["marks"].items(), key=lambda kv: kv[1])))
+        if tl["worker0"]:
+            print(f"{v} worker 0: " + ", ".join(f"{k.replace('_s', '').replace('_', ' ')} {t:.1f}"
+                                                + ("" if k in ("batches", "threads") else "s")
+                                                for k, t in tl["worker0"].items()))
+    return {"table": table, "timeline": lines}
 
 
 def main(argv=None) -> int:
@@ -292,6 +370,22 @@ def main(argv=None) -> int:
         connect_s = time.perf_counter() - t0
         ray_opts = RayOptions(workers=1, cpus_per_worker=1 if tiny else 0)
         rows = []
+        gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
+        out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{dt.date.today().isoformat()}.partial.json"
+
+        def keep(row: dict) -> None:
+            """The row so far, on disk at once (a run cut short by a time limit keeps its jobs), and its breakdown."""
+            rows.append(row)
+            partial.write_text(json.dumps(dict(device=gpu, frames=frames, batch=batch, steps=steps, complete=False,
+                                               connect_s=connect_s, rows=rows), indent=2))
+            b = breakdown(row)
+            print(f"  {row['variant']} run {row['run']}: " + ", ".join(f"{c} {b[c]:.1f}s" for c in COLUMNS if c in b)
+                  + (" | timeline: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
+                                                 for k, v in sorted(row["timeline"]["marks"].items(),
+                                                                    key=lambda kv: kv[1]))
+                     if row.get("timeline") else ""), flush=True)
         for k in range(args.repeat):
             for variant in variants:
                 out = work / f"{variant}{k}.mp4"
@@ -301,15 +395,16 @@ def main(argv=None) -> int:
                         row = cli_job(name, inputs, opts, weights, dataclasses.replace(ray_opts, workers=n),
                                       work / f"{name}{k}.mp4", faces)
                         row.update(run=k, workers=n)
-                        rows.append(row)
+                        keep(row)
                         print(f"{name:11s} run {k}: job {row['job_s']:7.1f}s {row['job_fps']:7.2f} frames/s", flush=True)
                     continue
                 if variant.startswith("cli_"):
-                    row = cli_job(variant, inputs, opts, weights, ray_opts, out, faces)
+                    one = dataclasses.replace(ray_opts, worker_threads=1) if variant == "cli_ray_t1" else ray_opts
+                    row = cli_job(variant, inputs, opts, weights, one, out, faces)
                 else:
                     row = one_job(variant, inputs[:2], opts, weights, ray_opts, out)
                 row["run"] = k
-                rows.append(row)
+                keep(row)
                 render = f"render {row['render_fps']:7.2f} frames/s" if "render_fps" in row else (
                     f"in run() {row['run_s']:6.1f}s" + (f", worker ready after {row['worker_start_s']:.1f}s"
                                                         if "worker_start_s" in row else ""))
@@ -329,8 +424,9 @@ def main(argv=None) -> int:
         print(f"{v:12s} {med[v]['job_fps']:14.2f} {render}")
     over = {}
     ray_cli = "cli_ray" if "cli_ray" in med else f"cli_ray_x{worker_counts[0]}"
-    for kind, (d, r) in (("command", ("cli_direct", ray_cli)), ("cold", ("direct", "ray")),
-                         ("warm", ("direct_warm", "ray_warm"))):
+    for kind, (d, r) in (("command", ("cli_direct", ray_cli)),
+                         ("command, 1 worker thread", ("cli_direct", "cli_ray_t1")),
+                         ("cold", ("direct", "ray")), ("warm", ("direct_warm", "ray_warm"))):
         if d in med and r in med:
             over[kind] = {m: med[d][m] / med[r][m] - 1 for m in metrics if m in med[d] and m in med[r]}
             stage = (f", render stage {over[kind]['render_fps'] * 100:+.1f}%" if "render_fps" in over[kind] else "")
@@ -349,16 +445,16 @@ def main(argv=None) -> int:
         print("cold worker start (median s): " + ", ".join(
             f"{k} {np.median([s[k] for s in starts if k in s]):.1f}" for k in starts[0]))
     print(f"ray.init: {connect_s:.1f}s (not in the jobs)")
-    gpu = torch.cuda.get_device_name(0) if not tiny else "cpu"
+    seconds = print_breakdown(rows)
     info = dict(date=dt.date.today().isoformat(), device=gpu, tiny=tiny, frames=frames, batch=batch, steps=steps,
                 repeat=args.repeat, torch=torch.__version__, ray=ray.__version__, python=platform.python_version(),
                 host_cpus=__import__("os").cpu_count(), connect_s=connect_s, rows=rows, median=med,
-                overhead=over, frames_identical=identical, faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"scale_{'cpu' if tiny else gpu.replace(' ', '_')}_{info['date']}.json"
-    (out / name).write_text(json.dumps(info, indent=2))
-    print(f"wrote {out / name}")
+                overhead=over, seconds=seconds, frames_identical=identical,
+                faces="replayed (bench/replayed_faces.py)" if args.inputs else "dlib")
+    final = partial.with_name(partial.name.replace(".partial", ""))
+    final.write_text(json.dumps(info, indent=2))
+    partial.unlink(missing_ok=True)
+    print(f"wrote {final}")
     return 0
 
 

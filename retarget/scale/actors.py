@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retarget.scale.timeline import process_start_time
+
 
 def export_actor(actor, *, tensors: bool = True):
     """A copy of a pipeline `Actor` for the object store: tensors on the CPU (bit-exact copies, same
@@ -41,7 +43,8 @@ class FrameRenderer:
     """One worker: a loaded `RetargetPipeline` and the prepared actor of the job it works on.
 
     weights: the weights folder (the same path on every node). load: {"device", "dtype", "fast"}
-    as in RunOptions (the choices that fix the loaded pipeline), and "sd15": the --sd15 folder or None.
+    as in RunOptions (the choices that fix the loaded pipeline), "sd15": the --sd15 folder or None,
+    and optionally "threads": CPU threads for the host-side work (`set_threads`; GPU workers).
 
     A job is a dict: {"key": str, "opts": RunOptions, "photo": [ObjectRef of the (H, W, 3) uint8
     actor photo], "state": [ObjectRef of an exported Actor] or None, "fault": None}. "fault" is
@@ -62,6 +65,8 @@ class FrameRenderer:
         from retarget.weights import WeightsLayout
 
         marks["imported"] = time.time()
+        if load.get("threads"):
+            set_threads(int(load["threads"]))
         self.layout = WeightsLayout(weights, sd15=load.get("sd15"))
         self.device, self.dtype = resolve_device(load["device"], load["dtype"])
         if self.device == "cuda":
@@ -84,9 +89,13 @@ class FrameRenderer:
         self.batches = 0  # of the current job, in this process
         self.prepared = 0  # how many actors this process prepared itself (recompute / the shipping worker)
         self.busy_s = 0.0  # seconds spent rendering batches (all jobs), for benchmarks
+        self.job_stats: dict = {}  # of the current job (see stats())
+        self._last_end: float | None = None  # time.time() when the last batch of this job was rendered
 
     def info(self) -> dict:
         """Where this worker runs and what it loaded; also the "ready" signal of a new worker."""
+        import torch
+
         from retarget.run import auto_batch
 
         gpus, actor_id = [], None
@@ -100,7 +109,8 @@ class FrameRenderer:
             pass
         return dict(host=socket.gethostname(), pid=os.getpid(), device=self.device, dtype=self.dtype, gpus=gpus,
                     actor_id=actor_id, marks=dict(self.marks), load_average=self.load_average,
-                    auto_batch=auto_batch(self.device, self.pipe.image_size), image_size=self.pipe.image_size)
+                    auto_batch=auto_batch(self.device, self.pipe.image_size), image_size=self.pipe.image_size,
+                    threads=torch.get_num_threads())
 
     def prepare(self, job: dict, export: bool = True):
         """Prepare the job's actor here (face, identity, reference latent, bank) and keep it; return it
@@ -113,14 +123,25 @@ class FrameRenderer:
         (indices, (B, H, W, 3) uint8 images), exactly as the single-process run renders that batch."""
         r = self._install(job)
         self.batches += 1
-        t0 = time.perf_counter()
+        t0, s = time.time(), self.job_stats
+        if self._last_end is not None:  # waiting for this batch since the last one (or since prepare)
+            s["idle_s" if s["batches"] else "wait_first_s"] += t0 - self._last_end
+        s.setdefault("first_render", t0)
         (_, images), = list(r.render([list(indices)], _Rows(indices, params)))
-        self.busy_s += time.perf_counter() - t0
+        self._last_end = s["last_render"] = time.time()
+        s["render_s"] += self._last_end - t0
+        s["batches"] += 1
+        self.busy_s += self._last_end - t0
         self._maybe_crash(job.get("fault"))
         return list(indices), images
 
     def stats(self) -> dict:
-        return dict(pid=os.getpid(), batches=self.batches, prepared=self.prepared, key=self.key, busy_s=self.busy_s)
+        """pid, batches of the current job, actors prepared here, busy seconds (all jobs), and `job`: the
+        current job's prepare_s (preparing the actor, or installing the shipped one), wait_first_s
+        (prepared -> first batch started), render_s (sum over its batches), idle_s (between batches:
+        one batch done -> the next started), batches, first_render / last_render (epoch seconds)."""
+        return dict(pid=os.getpid(), batches=self.batches, prepared=self.prepared, key=self.key, busy_s=self.busy_s,
+                    job=dict(self.job_stats))
 
     # ------------------------------------------------------------------ internals
     def _install(self, job: dict):
@@ -133,6 +154,7 @@ class FrameRenderer:
         def get(x):
             return ray.get(x) if isinstance(x, ray.ObjectRef) else x
 
+        t0 = time.time()
         opts = job["opts"]
         photo = get(job["photo"][0])
         if job.get("state") is not None:
@@ -144,6 +166,8 @@ class FrameRenderer:
                                   pipe=self.pipe)
             self.prepared += 1
         self.key, self.rendering, self.batches = job["key"], r, 0
+        self._last_end = time.time()
+        self.job_stats = dict(prepare_s=self._last_end - t0, wait_first_s=0.0, render_s=0.0, idle_s=0.0, batches=0)
         return r
 
     def _maybe_crash(self, f: dict | None) -> None:
@@ -164,14 +188,18 @@ class FrameRenderer:
         os._exit(1)
 
 
-def process_start_time() -> float | None:
-    """When this process started (seconds since the epoch), or None where that cannot be read."""
-    try:
-        import psutil
+def set_threads(n: int) -> None:
+    """CPU threads of this process's host-side work (torch intra-op, OpenCV), for a GPU worker: Ray
+    sets OMP_NUM_THREADS to the actor's num_cpus (1), which leaves torch one thread."""
+    import torch
 
-        return psutil.Process().create_time()
-    except Exception:  # psutil missing or the platform refuses: the breakdown starts at __init__
-        return None
+    torch.set_num_threads(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
 
 
 START_STAGES = (("process", "init", "process start"), ("init", "imported", "imports"),

@@ -11,6 +11,9 @@ frame's noise depends only on (seed, frame index).
 
 from __future__ import annotations
 
+import importlib
+import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -20,6 +23,7 @@ import numpy as np
 
 from render.errors import RetargetError
 from retarget.scale.options import RayOptions
+from retarget.scale.timeline import Timeline
 
 RAY_MISSING = "--ray needs Ray: pip install 'ray>=2.9' (or pip install 'retarget[ray]')"
 
@@ -32,17 +36,36 @@ def import_ray():
     return ray
 
 
-def connect(address: str = "auto") -> bool:
-    """Connect this process to Ray (see RayOptions.address); True when this call started it."""
+def check_ray(address: str = "auto") -> None:
+    """The synchronous part of connecting, cheap: Ray is installed, and unless this process is
+    connected already, something answers at a HOST:PORT address (`_probe`). RetargetError if not."""
+    import importlib.util
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise RetargetError(RAY_MISSING)
+    if address not in ("auto", "local"):
+        _probe(address)
+
+
+def connect(address: str = "auto", *, probe: bool = True, **init) -> bool:
+    """Connect this process to Ray (see RayOptions.address); True when this call started it.
+    probe: check a HOST:PORT address with `_probe` first; init: more ray.init arguments (a runtime_env)."""
     ray = import_ray()
     if ray.is_initialized():
         return False
     target = None if address == "auto" else address
-    if target not in (None, "local"):
+    if probe and target not in (None, "local"):
         _probe(target)
+    if threading.current_thread() is not threading.main_thread():
+        # Ray warns that it cannot set its SIGTERM handler off the main thread: the default one is fine.
+        import logging
+
+        logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
     try:
-        ray.init(address=target, log_to_driver=False, include_dashboard=False, configure_logging=True,
-                 logging_level="warning")
+        ray.init(**dict(dict(address=target, log_to_driver=False, include_dashboard=False, configure_logging=True,
+                             logging_level="warning"), **init))
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise RetargetError(f"--ray {address}: cannot connect to a Ray cluster ({str(e).splitlines()[0]})") from None
     return True
@@ -85,8 +108,10 @@ class RayPool:
 
     Use as a context manager; `prepare` is the `prepare=` hook of `retarget.run.run`,
     `retarget.sheets.make_storyboard` and `make_transition`. Ray is connected and the actors are
-    started by `start()` or the first `prepare`, so bad inputs can fail before any of it. `fault`:
-    tests only, given to the jobs prepared from now on (see FrameRenderer).
+    started by `start()`, `start_async()` (in a thread: the caller goes on with its own imports and
+    tracking; errors surface at `prepare`) or the first `prepare`, so bad inputs can fail before any
+    of it. `timeline`: wall-clock marks of the job (`timeline_report()`). `fault`: tests only, given to
+    the jobs prepared from now on (see FrameRenderer).
     """
 
     def __init__(self, ray_opts: RayOptions, layout, opts, *, log=print, fault: dict | None = None):
@@ -100,6 +125,10 @@ class RayPool:
         self._starting: dict = {}  # info() ref -> actor number
         self._started_ray = False
         self._asked: float | None = None  # time.time() when the actors were asked for
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._notes: list[str] = []  # lines of the start, logged from the caller's thread
+        self.timeline = Timeline()
         self.deaths = 0
 
     # ------------------------------------------------------------------ lifetime
@@ -111,6 +140,8 @@ class RayPool:
 
     def close(self) -> None:
         """Stop the actors (frees their GPUs); disconnect if this pool connected."""
+        if self._starter is not None:
+            self._starter.join()  # a start still under way would leave its actors behind
         if not self.actors and not self._started_ray:
             return
         ray = import_ray()
@@ -126,19 +157,52 @@ class RayPool:
 
     def start(self) -> None:
         """Connect and start the workers (asynchronously: they load the engine while we go on)."""
-        if self.actors:
+        self.start_async()
+        self._join_start()
+
+    def start_async(self) -> None:
+        """`start` in a thread: import Ray, connect, ask for the actors while the caller goes on. The
+        cheap checks (Ray installed, a HOST:PORT that answers) run here first and raise at once."""
+        if self._starter is not None or self.actors:
             return
+        check_ray(self.ray_opts.address)
+        self._starter = threading.Thread(target=self._start_in_thread, name="retarget-ray-start", daemon=True)
+        self._starter.start()
+
+    def _start_in_thread(self) -> None:
+        try:
+            self._start_now()
+        except BaseException as e:  # raised again by _join_start, in the caller's thread
+            self._start_error = e
+
+    def _join_start(self) -> None:
+        if self._starter is None:
+            self.start_async()
+        self._starter.join()
+        for line in self._notes:
+            self.log(line)
+        self._notes = []
+        if self._start_error is not None:
+            raise self._start_error
+
+    def _start_now(self) -> None:
         ray = import_ray()
-        self._started_ray = connect(self.ray_opts.address)
+        self.timeline.mark("ray_imported")
+        self._started_ray = connect(self.ray_opts.address, probe=False)
+        self.timeline.mark("connected")
         res = ray.cluster_resources()
         gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
         o = self.ray_opts
+        load = dict(self.load)
         if gpus and self.load["device"] != "cpu":
             per = dict(num_gpus=1, num_cpus=1)
             n = o.workers or gpus
-            where = f"{n} GPU worker(s) (the cluster has {gpus} GPUs)"
+            # Host-side work (face alignment, per-batch copies) on more than Ray's one thread (see RayOptions).
+            load["threads"] = o.worker_threads or max(1, min(4, cpus // gpus))
+            where = f"{n} GPU worker(s) of {load['threads']} CPU thread(s) (the cluster has {gpus} GPUs)"
             if n > gpus:
-                self.log(f"warning: --ray-workers {n} but the cluster has {gpus} GPUs; the rest wait for GPUs")
+                self._notes.append(f"warning: --ray-workers {n} but the cluster has {gpus} GPUs; "
+                                   "the rest wait for GPUs")
         else:
             if self.load["device"] == "cuda":
                 raise RetargetError("--device cuda: the Ray cluster has no GPU")
@@ -150,10 +214,17 @@ class RayPool:
 
         remote = ray.remote(FrameRenderer).options(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **per)
         self._asked = time.time()
-        self.actors = [remote.remote(str(self.layout.root), self.load) for _ in range(n)]
+        self.timeline.mark("actors_asked", self._asked)
+        self.actors = [remote.remote(str(self.layout.root), load) for _ in range(n)]
         self.alive = set(range(n))
         self._starting = {a.info.remote(): i for i, a in enumerate(self.actors)}
-        self.log(f"ray: {where}, actor state: {o.actor_state}")
+        self._notes.append(f"ray: {where}, actor state: {o.actor_state}")
+        # The prepared Actor comes back pickled: unpickling it imports retarget.pipeline (torch,
+        # diffusers, transformers: as long as the worker's own imports). Import it now, while the
+        # workers start, not after the first one has prepared.
+        importlib.import_module("retarget.pipeline")
+
+        self.timeline.mark("driver_imported")
 
     def _wait_ready(self, need: int = 1) -> None:
         """Block until at least `need` workers have loaded (or every worker failed to)."""
@@ -173,6 +244,7 @@ class RayPool:
 
             steps = start_breakdown(self.ready[i]["marks"], self._asked)
             self.ready[i]["start"] = steps
+            self.timeline.mark("worker_ready", self.ready[i]["marks"]["ready"])
             self.log(f"ray: worker {i} ready after {steps['total']:.1f}s ("
                      + ", ".join(f"{k} {v:.1f}s" for k, v in steps.items() if k != "total") + ")")
         except Exception as e:
@@ -190,11 +262,13 @@ class RayPool:
 
         if load_key(layout, opts) != self.key:
             raise RetargetError("internal: this Ray pool was started for other weights/device/dtype/--fast")
-        ray = import_ray()
         actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
         for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
             layout.require(name)
-        self.start()
+        self.timeline.new_job()
+        self.timeline.mark("prepare_asked")
+        self._join_start()
+        ray = import_ray()
         self._wait_ready(1)
         first = min(self.ready)
         ship = self.ray_opts.actor_state == "ship"
@@ -208,6 +282,7 @@ class RayPool:
             log(actor.face_report)
         if ship:
             job["state"] = [ray.put(actor)]  # owned by the driver: outlives the worker that made it
+        self.timeline.mark("prepare_done")
         info = self.ready[first]
         return Rendering(pipe=None, actor=actor, actor_rgb=actor_rgb, device=info["device"], dtype=info["dtype"],
                          call=render_call(opts), batch_size=info["auto_batch"],
@@ -228,6 +303,7 @@ class RayPool:
             while i in self.alive and i in self.ready and load[i] < self.ray_opts.in_flight and queue:
                 idx = queue.popleft()
                 ref = self.actors[i].render.remote(job, idx, np.ascontiguousarray(params[idx]))
+                self.timeline.mark("first_batch_sent")
                 pending[ref] = (i, idx)
                 load[i] += 1
 
@@ -265,6 +341,8 @@ class RayPool:
                     raise unwrap(e) from None
                 if list(got_idx) != list(idx):
                     raise RetargetError(f"internal: a Ray worker returned frames {got_idx} for {idx}")
+                self.timeline.mark("first_frames_back")
+                self.timeline.mark("last_frames_back", again=True)
                 yield idx, images
                 feed(i)
         finally:
@@ -279,6 +357,20 @@ class RayPool:
         ray = import_ray()
         return ray.get([self.actors[i].stats.remote() for i in sorted(self.alive)])
 
+    def timeline_report(self) -> dict:
+        """`Timeline.report` with, per live worker, its start (`start_breakdown`), "ready" and the
+        current job's stats (FrameRenderer.stats()["job"]); seconds since the driver process started."""
+        workers = []
+        alive = sorted(i for i in self.alive if i in self.ready)
+        stats = dict(zip(alive, import_ray().get([self.actors[i].stats.remote() for i in alive]))) if alive else {}
+        for i in alive:
+            info = self.ready[i]
+            workers.append(dict(worker=i, ready=info["marks"]["ready"], threads=info.get("threads"),
+                                start={k: round(v, 3) for k, v in info.get("start", {}).items()},
+                                **{k: round(v, 3) if isinstance(v, float) and k not in ("first_render", "last_render")
+                                   else v for k, v in stats[i].get("job", {}).items()}))
+        return self.timeline.report(workers)
+
 
 def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None = None, *, weights=None, log=print,
                fault: dict | None = None):
@@ -288,6 +380,7 @@ def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None
 
     from retarget.run import RENDER_WEIGHTS, check_output_name, read_image
 
+    t0 = time.time()
     opts = options or RunOptions()
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
     # The cheap checks of run() first, then the workers start loading while the driver tracks the clip.
@@ -298,5 +391,8 @@ def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None
     for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
         layout.require(name)
     with RayPool(ray_opts or RayOptions(), layout, opts, log=log, fault=fault) as pool:
-        pool.start()
+        pool.timeline.mark("run_on_ray", t0)
+        # Ray's import, the connection and the actors' scheduling overlap the driver's imports and tracking.
+        pool.start_async()
+        pool.timeline.mark("run")
         return run(drive, actor_path, out, opts, weights=layout, log=log, prepare=pool.prepare)

@@ -157,9 +157,20 @@ def test_sharded_equals_single_process(job, tiny_weights, tmp_path, reference, r
     assert prepared == (1 if state == "ship" else workers)
 
 
-def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys):
-    """`retarget run ... --ray`: run_on_ray joins the running Ray, starts its own worker, stops it."""
+def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys, monkeypatch):
+    """`retarget run ... --ray`: run_on_ray joins the running Ray, starts its own worker (in a thread,
+    beside the driver's tracking), stops it; its timeline has every mark, each in its place."""
     from retarget.cli import main
+    from retarget.scale.timeline import CHAINS, MARKS
+
+    reports, close = [], RayPool.close
+
+    def close_with_report(self):
+        if self.actors and not reports:
+            reports.append(self.timeline_report())
+        close(self)
+
+    monkeypatch.setattr(RayPool, "close", close_with_report)
 
     drive, actor, track = job
     out = tmp_path / "out.mp4"
@@ -174,6 +185,18 @@ def test_cli_run_with_ray(job, tiny_weights, tmp_path, reference, capsys):
     for step in ("scheduling", "imports", "device", "models", "face finder"):
         assert f"{step} " in ready, ready
     _assert_same(out, reference)
+
+    marks = reports[0]["marks"]
+    assert list(marks) == list(MARKS)  # all of them, in their order
+    for chain in CHAINS:
+        times = [marks[k] for k in chain]
+        assert times == sorted(times), (chain, times)
+    assert marks["run_on_ray"] >= 0
+    assert marks["run"] <= marks["connected"] + 60  # run() did not wait for the start (a loose sanity bound)
+    (w,) = reports[0]["workers"]
+    assert w["batches"] == 3 and w["render_s"] > 0 and w["idle_s"] >= 0 and w["prepare_s"] > 0
+    assert w["threads"] == 1  # a 1-CPU worker: --ray-worker-threads is for GPU workers only
+    assert marks["actors_asked"] <= w["ready"] <= w["first_render"] <= w["last_render"] <= marks["last_frames_back"]
 
 
 def test_worker_crash_mid_batch_is_retried(job, tiny_weights, tmp_path, reference, pool2):
