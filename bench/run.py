@@ -314,11 +314,12 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
 
 def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, cap_bytes: int | None = None) -> dict:
     """A fast-mode job with the automatic batch (three batches long) where, once the first batch
-    is rendered, a ballast tensor leaves room for about OOM_ROOM of what that batch took above the
-    models: the next full batch runs out of memory for real and must be split
-    (retarget.oom.split_on_oom); the job must finish with every frame. Both measured in memory
-    *reserved* by PyTorch's allocator (the first run of this check, 2026-12-03, measured allocated
-    memory: the models' partly used segments took the rest and not even one frame fit)."""
+    is rendered, the per-process memory cap (torch.cuda.set_per_process_memory_fraction: a smaller
+    card) is lowered to what is reserved then plus OOM_ROOM of the memory that batch allocated: the
+    next full batch runs out of memory for real and must be split (retarget.oom.split_on_oom); the
+    job must finish with every frame. (Two earlier forms of this check used a ballast tensor: sized
+    on allocated memory it left less than one frame, the models' partly used segments taking the
+    rest; sized on reserved memory, whose peak counts the allocator's cache, it left a whole batch.)"""
     import torch
 
     from retarget.pipeline import RetargetPipeline
@@ -328,7 +329,8 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, 
     frames = min(clip_frames, 3 * batch)
     opts = RunOptions(fast=True, batch=0, device=device, paste_back=True, end=frames / FPS)
     hook = StageClock().prepare_hook(pipe, wrap_render=True)
-    ballast, seen = [], {}
+    seen: dict = {}
+    total = torch.cuda.get_device_properties(0).total_memory
 
     def prepare(*a, **kw):
         r = hook(*a, **kw)
@@ -337,19 +339,15 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, 
         def render_batches(batches, params):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_reserved()
+            base = torch.cuda.memory_allocated()
             for k, (idx, images) in enumerate(inner(batches, params)):
                 if k == 0:
-                    working = torch.cuda.max_memory_reserved() - base
+                    working = torch.cuda.max_memory_allocated() - base
                     torch.cuda.empty_cache()
-                    free = (cap_bytes - torch.cuda.memory_reserved()) if cap_bytes else torch.cuda.mem_get_info()[0]
-                    room = free - int(OOM_ROOM * working)
-                    seen.update(batch_working_gib=working / 2**30, ballast_gib=max(room, 0) / 2**30,
-                                left_gib=(free - max(room, 0)) / 2**30)
-                    if room > 0:
-                        ballast.append(torch.empty(room, dtype=torch.uint8, device="cuda"))
+                    limit = torch.cuda.memory_reserved() + int(OOM_ROOM * working)
+                    seen.update(batch_working_gib=working / 2**30, cap_then_gib=limit / 2**30)
+                    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total))
                 yield idx, images
-            ballast.clear()
 
         r.render_batches = render_batches
         return r
@@ -362,7 +360,7 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, 
         ok, err = False, f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         log.restore()
-        ballast.clear()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total) if cap_bytes else 1.0)
         torch.cuda.empty_cache()
     return {"frames": frames, "auto_batch": batch, "call_sizes": log.sizes, "ooms": log.ooms, **seen,
             "finished": ok, "error": err, "halved": log.ooms > 0 and min(log.sizes, default=batch) < batch}
@@ -370,7 +368,7 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, 
 
 # The room the OOM check leaves, as a share of the first batch's working memory: a full batch
 # does not fit, half of one does, with a margin for the allocator's rounding.
-OOM_ROOM = 0.75
+OOM_ROOM = 0.7
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -409,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--predictor-5", default=None, metavar="DAT",
                     help="shape_predictor_5_face_landmarks.dat (default $RETARGET_STANDIN_5PT, else face-recognition-models')")
     ap.add_argument("--weights", default=None, metavar="DIR", help="use this weights folder instead of writing one")
+    ap.add_argument("--oom-only", action="store_true", help="only the out-of-memory check (GPU)")
     ap.add_argument("--ahead", default="on",
                     help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
@@ -476,7 +475,7 @@ def main(argv=None) -> int:
         pipe = RetargetPipeline.from_weights(layout, device=dev, dtype=dtype, lcm="fast" in modes)
         sync()
         info["load_s"] = time.perf_counter() - t0
-        for mode in modes:
+        for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
             estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads)
             if not args.tiny and estimate > left:
