@@ -54,12 +54,11 @@ SPEED = {
     "fast": {"steps": 4, "rows": {1: (0.2045, 0.045), 8: (0.0588, 0.044), 32: (0.0395, 0.031)}},
 }
 # Compile seconds of one shape. Cold (empty cache): 70-85 s on the H100 (bench/NOTES.md), the worst
-# taken. Warm (this shape in the cache): an ESTIMATE (on the 2-core CPU with the tiny UNet, warm was
-# 8 s against 93 s cold: dynamo's tracing is left) until bench/compile.py measures it; the measured
-# time of this machine's last compile of the shape (index.json) replaces it once known.
-# H200 (2026-12-03, bench/results/compile_NVIDIA_H200_2026-12-03.json): cold 60.8 s and 62.4 s at B=32,
-# quality mode; warm still unmeasured there (the bench ran with a shortened budget).
-COMPILE_S = {"cold": 85.0, "warm": 20.0}
+# taken. Warm (this shape in the cache): H200, quality mode, B=32 (2026-12-03,
+# bench/results/compile_NVIDIA_H200_2026-12-03_warm.json): cold 53.1 s, warm 14.0 s, portable artifacts
+# in a new folder 14.3 s (earlier cold runs: 60.8 s, 62.4 s); 15 s taken. The measured time of this
+# machine's last compile of the shape (index.json) replaces it once known.
+COMPILE_S = {"cold": 85.0, "warm": 15.0}
 
 
 # --------------------------------------------------------------------------- the decision
