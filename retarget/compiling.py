@@ -337,6 +337,7 @@ class CompiledBatches:
             return split_on_oom(render, list(idx))
         padded = pad_indices(list(idx), self.batch)
         t0 = time.perf_counter()
+        failure = None
         try:
             images = split_on_oom(render, padded)
         except RetargetError:
@@ -344,30 +345,32 @@ class CompiledBatches:
         except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type
             if self.calls or is_oom(e):
                 raise
-            images = self._recover(render, padded, e)
+            failure = f"{type(e).__name__}: {str(e)[:200]}"
+        if failure is not None:  # recovered out of the except block: its traceback holds the failed call's tensors
+            images = self._recover(render, padded, failure)
         self._after(time.perf_counter() - t0)
         return images[:len(idx)]
 
-    def _recover(self, render, padded, error: Exception):
-        from retarget.oom import split_on_oom
+    def _recover(self, render, padded, failure: str):
+        from render.errors import RetargetError
+        from retarget.oom import is_oom, split_on_oom
 
-        warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); cleared the "
+        warnings.warn(f"torch.compile failed ({failure}); cleared the "
                       f"compile cache {self.cache.inductor} and compiling fresh", stacklevel=3)
         self.cache.reset_inductor()
         self.enable()
+        again = None
         try:
             return split_on_oom(render, padded)
         except Exception as e:  # noqa: BLE001
-            from render.errors import RetargetError
-            from retarget.oom import is_oom
-
             if isinstance(e, RetargetError) or is_oom(e):
                 raise
-            warnings.warn(f"torch.compile failed again ({type(e).__name__}); rendering eagerly", stacklevel=3)
-            self.disable()
-            self.failed = True
-            self.note = "eager (compile failed; see the warning)"
-            return split_on_oom(render, padded)
+            again = type(e).__name__
+        warnings.warn(f"torch.compile failed again ({again}); rendering eagerly", stacklevel=3)
+        self.disable()
+        self.failed = True
+        self.note = "eager (compile failed; see the warning)"
+        return split_on_oom(render, padded)
 
     def _after(self, seconds: float) -> None:
         self.calls += 1

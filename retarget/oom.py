@@ -41,13 +41,19 @@ def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[
     except Exception as e:
         if not is_oom(e):
             raise
-        import torch
+    # Out of the `except` block before anything else: while the error is being handled, its
+    # traceback keeps the failed call's frames, and their tensors, alive; retried in there, every
+    # half ran out of memory too (H200, bench/run.py's check: 32 -> 16 -> ... -> 1 frame, where its
+    # figures left room for half the batch).
+    import gc
 
-        torch.cuda.empty_cache()
-        if len(idx) == 1:
-            raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, "
-                                "or free the GPU") from None
-        half = len(idx) // 2
-        if fit is not None:
-            fit.frames = len(idx) - half  # the larger half is tried next
-        return split_on_oom(render, idx[:half], fit) + split_on_oom(render, idx[half:], fit)
+    import torch
+
+    gc.collect()  # frames caught in reference cycles
+    torch.cuda.empty_cache()
+    if len(idx) == 1:
+        raise RetargetError("out of GPU memory even for one frame: try --fast, --dtype fp16, or free the GPU")
+    half = len(idx) // 2
+    if fit is not None:
+        fit.frames = len(idx) - half  # the larger half is tried next
+    return split_on_oom(render, idx[:half], fit) + split_on_oom(render, idx[half:], fit)

@@ -41,3 +41,41 @@ def test_other_errors_pass_through():
 
     with pytest.raises(ValueError, match="bad shape"):
         split_on_oom(render, [0, 1])
+
+
+class _Memory:
+    """A pretend GPU: `Block(n)` holds n frames' worth until it is garbage; a call that would hold
+    more than `limit` raises OutOfMemoryError, as the CUDA allocator does."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def block(self, n: int):
+        memory = self
+        if self.held + n > self.limit:
+            raise OutOfMemoryError(f"CUDA out of memory. Tried to allocate {n} frames")
+
+        class Block:
+            def __init__(self):
+                memory.held += n
+
+            def __del__(self):
+                memory.held -= n
+
+        return Block()
+
+
+def test_a_failed_calls_memory_is_free_before_the_halves_are_tried():
+    # The activations a failed call made are referenced from its traceback's frames: retrying while
+    # that exception is still being handled keeps them, and every half then fails too (seen on the
+    # H200: 32 -> 16 -> ... -> 1 frame, all out of memory, with room for 16).
+    memory = _Memory(limit=10)
+
+    def render(idx):
+        activations = memory.block(len(idx) // 2)  # the first half of the call's working memory ...
+        more = memory.block(len(idx) - len(idx) // 2)  # ... then the rest: a batch of 16 fails here
+        del activations, more
+        return [np.zeros((1, 1, 3), np.uint8) for _ in idx]
+
+    images = split_on_oom(render, list(range(16)))
+    assert len(images) == 16 and memory.held == 0
