@@ -34,8 +34,8 @@ def split_on_oom(render: Callable[[list[int]], Iterable[np.ndarray]], idx: list[
     calls), later batches go straight to the size that fitted instead of failing again first.
     RetargetError when even one frame does not fit."""
     if fit is not None and fit.frames and len(idx) > fit.frames:
-        return [img for s in range(0, len(idx), fit.frames)
-                for img in split_on_oom(render, idx[s:s + fit.frames], fit)]
+        step = fit.frames  # read once: a chunk that runs out of memory lowers fit.frames meanwhile
+        return [img for s in range(0, len(idx), step) for img in split_on_oom(render, idx[s:s + step], fit)]
     try:
         return list(render(idx))
     except Exception as e:

@@ -334,8 +334,10 @@ class Rendering:
             yield from self.render_batches(batches, params)
             return
         for idx in batches:
-            yield idx, np.stack(_render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled,
-                                                     self.fit))
+            images = _render_with_backoff(self.pipe, self.actor, params, idx, self.call, self.compiled, self.fit)
+            if len(images) != len(idx):  # never label a frame with another's index
+                raise RetargetError(f"internal: {len(images)} frames rendered for a batch of {len(idx)}")
+            yield idx, np.stack(images)
 
 
 def load_pipeline(layout, opts: RunOptions, log=print, when: str = "", *, dry: bool = False):

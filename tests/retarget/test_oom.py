@@ -79,3 +79,22 @@ def test_a_failed_calls_memory_is_free_before_the_halves_are_tried():
 
     images = split_on_oom(render, list(range(16)))
     assert len(images) == 16 and memory.held == 0
+
+
+def test_after_the_fitting_size_shrinks_again_every_frame_is_rendered_once_in_order():
+    # FitSize says 8; the first chunk of 8 then runs out of memory too (4 fit now). Every frame of
+    # the batch must still come back, once, in order (the H200 check got 20 images for 32 frames:
+    # the chunks' stride was kept while their length followed the new size).
+    from retarget.oom import FitSize
+
+    fit, calls = FitSize(frames=8), []
+
+    def render(idx):
+        calls.append(list(idx))
+        if len(idx) > 4:
+            raise OutOfMemoryError("CUDA out of memory")
+        return [np.full((1, 1, 3), i, np.uint8) for i in idx]
+
+    images = split_on_oom(render, list(range(64, 96)), fit)
+    assert [int(im[0, 0, 0]) for im in images] == list(range(64, 96))
+    assert fit.frames == 4 and calls[0] == list(range(64, 72))
