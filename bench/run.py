@@ -340,8 +340,8 @@ def oom_check(pipe, inputs, weights, device: str, work: Path, clip_frames: int, 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            for k, (idx, images) in enumerate(inner(batches, params)):
-                if k == 0:
+            for idx, images in inner(batches, params):
+                if not seen:  # once per job: rendering ahead calls this once per batch
                     working = torch.cuda.max_memory_allocated() - base
                     torch.cuda.empty_cache()
                     limit = torch.cuda.memory_reserved() + int(OOM_ROOM * working)
