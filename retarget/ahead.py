@@ -61,7 +61,7 @@ class RenderAhead:
     """Frames rendered before the end of tracking, kept only where their params are the job's.
 
     folder: where the frames wait (emptied now; `adopt` or `discard` removes it);
-    params_of(times (T,), rows (T, 55), valid (T,), first=, count=) -> (params (M, 55), final) or
+    params_of(times (T,), rows (T of (55,) arrays), valid (T,), first=, count=) -> (params (M, 55), final) or
     None: the job's params for output frames first .. first + count of the M the rows so far reach
     (the others may be NaN), and how many frames from 0 are final;
     save(path, rgb): writes one PNG.
@@ -122,8 +122,9 @@ class RenderAhead:
                     rows = self._rows if self._fresh and start + batch > final else None
                     self._fresh = self._fresh and rows is None
                 if rows is not None:
-                    got = self.params_of(np.asarray(rows[0], np.float64), np.stack(rows[1]).astype(np.float32),
-                                         np.asarray(rows[2], bool), first=start, count=AHEAD_BATCHES * batch)
+                    # rows stay a list of (55,) arrays: params_of stacks only the window it smooths.
+                    got = self.params_of(np.asarray(rows[0], np.float64), rows[1], np.asarray(rows[2], bool),
+                                         first=start, count=AHEAD_BATCHES * batch)
                     if got is not None:
                         params, final = got[0], int(got[1])
                 if params is None or start + batch > final:

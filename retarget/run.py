@@ -766,7 +766,7 @@ def output_params(times: np.ndarray, params: np.ndarray, fps: float, opts: RunOp
 
 def _rows_to_params(opts: RunOptions, reader, gain: dict):
     """RenderAhead's params_of for this job: from the rows tracked so far (span times (T,), rows
-    (T, 55) NaN where invalid, valid (T,)), the job's params (M, 55) for the output frames
+    (T, 55) or T arrays of (55,), NaN where invalid, valid (T,)), the job's params (M, 55) for the output frames
     `first` .. `first + count` (rows outside them are NaN), computed as `run` computes them from
     the whole track, and how many frames from 0 are final (at most first + count); None when
     none can be (relative mode's params need the whole track; no face yet).
@@ -809,9 +809,9 @@ def _rows_to_params(opts: RunOptions, reader, gain: dict):
             before = np.flatnonzero(valid[:max(0, int(np.searchsorted(times, at[first])) - pad) + 1])
             a = int(before[-1]) if len(before) else 0
         b = min(len(times), int(np.searchsorted(times, at[last - 1], side="right")) + pad)
-        smoothed = smooth_rows(rows[a:b], valid[a:b], times[a:b], smoothing)
+        smoothed = smooth_rows(np.stack(rows[a:b]).astype(np.float32), valid[a:b], times[a:b], smoothing)
         inner = keep[(keep >= a) & (keep < b)]
-        out = np.full((len(at), rows.shape[1]), np.nan, np.float32)
+        out = np.full((len(at), smoothed.shape[1]), np.nan, np.float32)
         out[first:last] = retarget_params(sample_params(times[inner], smoothed[inner - a], at[first:last]), gain)
         return out, min(final, last)
 
