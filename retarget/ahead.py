@@ -77,7 +77,6 @@ class RenderAhead:
         self._cancelled = False
         self.used: dict[int, tuple[list[int], np.ndarray]] = {}  # first frame -> (indices, params rows)
         self.seconds = 0.0  # spent rendering ahead
-        self.kept = 0
 
     # ------------------------------------------------------------------ the tracking thread
     def observe(self, times: list, rows: list, valid: list) -> None:
@@ -107,8 +106,7 @@ class RenderAhead:
         signature) until tracking has ended; returns the frames rendered. The PNGs are written in
         a thread while the next batch renders."""
         t0 = time.perf_counter()
-        start, rendered = 0, 0
-        params, final = None, 0
+        start, params, final = 0, None, 0
         with ThreadPoolExecutor(1, thread_name_prefix="retarget-ahead-save") as saver:
             pending = []
             while True:
@@ -117,8 +115,8 @@ class RenderAhead:
                         self._cond.wait()
                     if self._done:
                         break
-                    # New params only when the next batch needs them: on a long clip each
-                    # computation smooths every row so far (~0.25 s at 90,000 rows).
+                    # New params only when the next batch needs them: each computation still
+                    # converts every row's time and validity, and smooths a window of rows.
                     rows = self._rows if self._fresh and start + batch > final else None
                     self._fresh = self._fresh and rows is None
                 if rows is not None:
@@ -136,14 +134,13 @@ class RenderAhead:
                     pending.extend(saver.submit(self.save, self._path(i), img) for i, img in zip(got_idx, images))
                 self.used[start] = (idx, used)
                 start += batch
-                rendered += batch
                 for f in pending:  # a failed save (disk full) stops the job here, not at the end
                     if f.done():
                         f.result()
             for f in pending:
                 f.result()
         self.seconds = time.perf_counter() - t0
-        return rendered
+        return self.rendered
 
     def adopt(self, params: np.ndarray, dest: Callable[[int], Path]) -> int:
         """Move the frames of every batch rendered with exactly the job's final `params` (T, 55)
@@ -154,7 +151,6 @@ class RenderAhead:
                 for i in idx:
                     os.replace(self._path(i), dest(i))
                 kept += len(idx)
-        self.kept = kept
         self.discard()
         return kept
 

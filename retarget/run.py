@@ -283,8 +283,6 @@ def gpu_memory_left() -> int:
     return int(max(0, free))
 
 
-
-
 def _progress(total: int, desc: str, unit: str = "frame", initial: int = 0):
     from tqdm.auto import tqdm
 
