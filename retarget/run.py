@@ -776,7 +776,7 @@ def _rows_to_params(opts: RunOptions, reader, gain: dict):
     from retarget.ahead import EXTRA_ROWS, final_frames
     from retarget.motion import output_times, retarget_params, sample_params
     from tracking.smoothing import margin_frames
-    from tracking.tracker import TrackOptions, smooth_rows
+    from tracking.tracker import TrackOptions, rows_in_range, smooth_rows
 
     if opts.relative or not RENDER_AHEAD or opts.track:
         return lambda *_, **__: None
@@ -786,10 +786,7 @@ def _rows_to_params(opts: RunOptions, reader, gain: dict):
     pad = reach + EXTRA_ROWS + 1  # rows a frame's params reach on either side (and one spare)
 
     def params_of(times: np.ndarray, rows: np.ndarray, valid: np.ndarray, first: int = 0, count: int | None = None):
-        inside = times >= (lo or 0.0) - 1e-6  # the rows track_video keeps
-        if hi is not None:
-            inside &= times < hi
-        keep = np.flatnonzero(inside)
+        keep = rows_in_range(times, lo or 0.0, hi)  # the rows track_video keeps
         if not len(keep) or not valid[keep].any():
             return None
         try:

@@ -563,10 +563,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
 
     valid_arr = np.array(valid, dtype=bool)
     times_arr = np.array(times, dtype=np.float64)
-    inside = times_arr >= start - 1e-6
-    if end is not None:
-        inside &= times_arr < end
-    keep = np.flatnonzero(inside)[:options.max_frames]
+    keep = rows_in_range(times_arr, start, end)[:options.max_frames]
     if stats is not None:
         stats.update(frames_decoded=reader.decoded, frames_tracked=len(times), frames_kept=len(keep),
                      margin_frames=(before, after))
@@ -584,6 +581,15 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                  fps=reader.fps, source=str(path), source_sha256=source_sha256(path), backend=backend.name,
                  weights_id=weights_identity(smirk_path), smoothing=smoothing, range_start=start,
                  range_end=range_end)
+
+
+def rows_in_range(times: np.ndarray, start: float, end: float | None) -> np.ndarray:
+    """Indices of the tracked rows (times (T,) seconds) that a range [start, end) keeps (end None:
+    to the end): what track_video cuts its span to, after smoothing."""
+    inside = times >= start - 1e-6
+    if end is not None:
+        inside &= times < end
+    return np.flatnonzero(inside)
 
 
 def smooth_rows(raw: np.ndarray, valid: np.ndarray, times: np.ndarray, smoothing: dict) -> np.ndarray:
