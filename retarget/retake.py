@@ -33,8 +33,8 @@ import numpy as np
 from render.errors import RetargetError
 from retarget.oom import split_on_oom
 from retarget.run import (
-    RENDER_WEIGHTS, RunOptions, WorkFolder, _progress, check_output_name, check_writable, file_fingerprint,
-    read_image, render_call, resolve_device,
+    RunOptions, WorkFolder, _progress, check_output_name, check_writable, file_fingerprint,
+    read_image, render_call, require_render_weights, resolve_device,
 )
 
 IDENTITY_FRAMES = 5  # sharp frontal frames averaged for the default identity
@@ -367,8 +367,7 @@ def _check_common(actor_path: Path, out: Path, opts: RunOptions, ro: RetakeOptio
         read_image(ro.identity, "--identity photo")
     choice = parse_face_choice(ro.actor_face, "--actor-face")
     check_writable(out.parent, "output folder")
-    for name in RENDER_WEIGHTS + ("smirk_ckpt",) + (("lcm_lora",) if opts.fast else ()):
-        layout.require(name)
+    require_render_weights(layout, opts, tracker=True)
     device, _ = resolve_device(opts.device, opts.dtype)
     return reader, choice, device, work
 

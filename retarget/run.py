@@ -338,14 +338,21 @@ class Rendering:
             yield idx, np.stack(images)
 
 
+def require_render_weights(layout, opts: RunOptions, *, tracker: bool = False) -> None:
+    """RetargetError naming the file (where it comes from, its licence) unless `layout` holds what
+    rendering with `opts` needs: RENDER_WEIGHTS, the LCM-LoRA for --fast, and with `tracker` the
+    SMIRK checkpoint (a video or photo to track)."""
+    for name in RENDER_WEIGHTS + (("smirk_ckpt",) if tracker else ()) + (("lcm_lora",) if opts.fast else ()):
+        layout.require(name)
+
+
 def load_pipeline(layout, opts: RunOptions, log=print, when: str = "", *, dry: bool = False):
     """The RetargetPipeline for these weights, device and precision: the kept one
     (`keep_models_loaded`) or loaded now (logged, with `when` added to the line). dry: only
     log whether it would load (None)."""
     from retarget.pipeline import RetargetPipeline
 
-    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
-        layout.require(name)
+    require_render_weights(layout, opts)
     device, dtype = resolve_device(opts.device, opts.dtype)
     key = (str(layout.root.resolve()), device, str(dtype))
     pipe = _kept_pipelines.get(key) if _kept_pipelines is not None else None
@@ -367,8 +374,7 @@ def prepare_rendering(layout, actor_path: Path, opts: RunOptions, log, actor_rgb
     import torch
 
     actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
-    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
-        layout.require(name)
+    require_render_weights(layout, opts)
     device, dtype = resolve_device(opts.device, opts.dtype)
     if pipe is None:
         pipe = load_pipeline(layout, opts, log)
@@ -425,9 +431,7 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     actor_rgb = read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     gain = parse_gain(opts.gain)
-    needs_smirk = not opts.track or opts.relative
-    for name in RENDER_WEIGHTS + (("smirk_ckpt",) if needs_smirk else ()) + (("lcm_lora",) if opts.fast else ()):
-        layout.require(name)
+    require_render_weights(layout, opts, tracker=not opts.track or opts.relative)
     device, _ = resolve_device(opts.device, opts.dtype)
     check_free_space(estimate_run_bytes(
         expected_frames(reader, opts), crop_size=512, out_size=output_size(actor_rgb, opts), work=work.root, out=out,

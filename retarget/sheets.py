@@ -124,7 +124,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     parameters as a track file beside it (`transition_track_path(out)`, track file v1).
     Every key is checked and every picture tracked before the diffusion pipeline loads.
     prepare: replaces `prepare_rendering` (as in `retarget.run.run`)."""
-    from retarget.run import RENDER_WEIGHTS
+    from retarget.run import require_render_weights
     from retarget.sources import check_sources, input_paths
     from retarget.transitions import (
         describe_keys, load_keys, resolve_keys, transition_track, transition_track_path,
@@ -153,9 +153,7 @@ def make_transition(actor_path: str | os.PathLike, keyframes: str, out: str | os
     actor_rgb = read_image(actor_path, "actor photo")
     check_writable(out.parent, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()) + (
-            ("smirk_ckpt",) if any(s.needs_tracker for s in sources) else ()):
-        layout.require(name)
+    require_render_weights(layout, opts, tracker=any(s.needs_tracker for s in sources))
     log(describe_keys(keyfile))
     kfs = resolve_keys(keyfile, layout=layout, device=opts.device, log=log)
     times, params = interpolate_keyframes(kfs, fps, easing=easing)

@@ -270,7 +270,9 @@ def render_script(actor_path: str | os.PathLike, script: Script, out_dir: str | 
     pipeline loads. Returns a BoardResult; every file is written atomically.
     """
     from render.storyboard import save_image, storyboard
-    from retarget.run import RENDER_WEIGHTS, RunOptions, check_writable, pipe_paste, prepare_rendering, read_image
+    from retarget.run import (
+        RunOptions, check_writable, pipe_paste, prepare_rendering, read_image, require_render_weights,
+    )
     from retarget.sources import check_sources, input_paths, resolve_sources
     from retarget.weights import WeightsLayout
 
@@ -290,9 +292,7 @@ def render_script(actor_path: str | os.PathLike, script: Script, out_dir: str | 
             raise RetargetError(f"-o {out_dir}: {out.name} would overwrite an input ({out}); choose another folder")
     check_writable(out_dir, "output folder")
     layout = weights if isinstance(weights, WeightsLayout) else WeightsLayout(weights)
-    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()) + (
-            ("smirk_ckpt",) if any(s.needs_tracker for s in sources) else ()):
-        layout.require(name)
+    require_render_weights(layout, opts, tracker=any(s.needs_tracker for s in sources))
     raw = resolve_sources(sources, layout=layout, device=opts.device, log=log)
     settings = [effective(p, script, opts) for p in script.panels]
     params = np.stack([_panel_params(r, s["gain"]) for r, s in zip(raw, settings)])

@@ -258,13 +258,12 @@ class RayPool:
     def prepare(self, layout, actor_path, opts, log, actor_rgb: np.ndarray | None = None):
         """`retarget.run.prepare_rendering`, with the pipeline on Ray workers: one worker prepares
         the actor (identity, reference latent, bank); the returned Rendering renders on all of them."""
-        from retarget.run import RENDER_WEIGHTS, Rendering, read_image, render_call
+        from retarget.run import Rendering, read_image, render_call, require_render_weights
 
         if load_key(layout, opts) != self.key:
             raise RetargetError("internal: this Ray pool was started for other weights/device/dtype/--fast")
         actor_rgb = read_image(actor_path, "actor photo") if actor_rgb is None else actor_rgb
-        for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
-            layout.require(name)
+        require_render_weights(layout, opts)
         self.timeline.new_job()
         self.timeline.mark("prepare_asked")
         self._join_start()
@@ -378,7 +377,7 @@ def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None
     from retarget.run import RunOptions, run
     from retarget.weights import WeightsLayout
 
-    from retarget.run import RENDER_WEIGHTS, check_output_name, read_image
+    from retarget.run import check_output_name, read_image, require_render_weights
 
     t0 = time.time()
     opts = options or RunOptions()
@@ -388,8 +387,7 @@ def run_on_ray(drive, actor_path, out, options=None, ray_opts: RayOptions | None
     if not Path(drive).exists():
         raise RetargetError(f"driving video {drive} does not exist")
     read_image(actor_path, "actor photo")
-    for name in RENDER_WEIGHTS + (("lcm_lora",) if opts.fast else ()):
-        layout.require(name)
+    require_render_weights(layout, opts)
     with RayPool(ray_opts or RayOptions(), layout, opts, log=log, fault=fault) as pool:
         pool.timeline.mark("run_on_ray", t0)
         # Ray's import, the connection and the actors' scheduling overlap the driver's imports and tracking.
