@@ -99,6 +99,29 @@ def sample_inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def random_track_inputs():
+    """make(root, frames, fps, seed, scale) -> (drive.mp4, actor.png, drive.track.npz) in `root`: a
+    96 px sample clip of that many frames, the sample actor photo, and a track file of random
+    expressions (standard normal x scale, every frame valid), so a job renders distinct frames
+    without tracking."""
+    from render.storyboard import save_image
+    from retarget.samples import sample_actor, write_sample_drive
+    from tracking.track import Track
+
+    def make(root, frames: int, fps: float, seed: int, scale: float):
+        drive = write_sample_drive(root / "drive.mp4", seconds=frames / fps, fps=fps, size=96)
+        actor = root / "actor.png"
+        save_image(actor, sample_actor())
+        params = (np.random.default_rng(seed).standard_normal((frames, 55)) * scale).astype(np.float32)
+        track = root / "drive.track.npz"
+        Track(raw=params, params=params, valid=np.ones(frames, bool), times=np.arange(frames) / fps,
+              fps=fps).save(track)
+        return drive, actor, track
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def track_of(tiny_weights, tmp_path_factory):
     """track(drive) -> the path of a track file of that clip (default tracking options, tiny SMIRK)."""
     from tracking.tracker import TrackOptions, track_video
@@ -110,3 +133,37 @@ def track_of(tiny_weights, tmp_path_factory):
         return path
 
     return track
+
+
+class _PipelineKiller:
+    """`kill_pipeline(n)`: the pipeline's n-th call from now (counting from 1) raises
+    `kill_pipeline.Killed`, as if the job were killed there; `kill_pipeline.revive()` puts the real
+    call back (for the --resume that follows)."""
+
+    class Killed(Exception):
+        pass
+
+    def __init__(self, monkeypatch):
+        from retarget import pipeline as pipeline_mod
+
+        self._cls, self._monkeypatch = pipeline_mod.RetargetPipeline, monkeypatch
+        self._original = self._cls.__call__
+
+    def __call__(self, on_call: int) -> None:
+        original, killed, calls = self._original, self.Killed, [0]
+
+        def dying(pipe, *a, **kw):
+            calls[0] += 1
+            if calls[0] == on_call:
+                raise killed()
+            return original(pipe, *a, **kw)
+
+        self._monkeypatch.setattr(self._cls, "__call__", dying)
+
+    def revive(self) -> None:
+        self._monkeypatch.setattr(self._cls, "__call__", self._original)
+
+
+@pytest.fixture
+def kill_pipeline(monkeypatch) -> _PipelineKiller:
+    return _PipelineKiller(monkeypatch)

@@ -3,8 +3,6 @@ included), and an out-of-memory error in a job with the automatic batch halves i
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 import retarget.run as run_mod
@@ -52,22 +50,15 @@ def test_cpu_batch_is_two():
     assert auto_batch("cpu", 512) == 2
 
 
-def test_out_of_memory_with_the_automatic_batch_halves_it_and_goes_on(tiny_weights, tmp_path, monkeypatch):
+def test_out_of_memory_with_the_automatic_batch_halves_it_and_goes_on(tiny_weights, tmp_path, monkeypatch,
+                                                                      random_track_inputs):
     """A whole job (batch 0: automatic) on a simulated 12 GB-capped card whose automatic batch is 4:
     every pipeline call of more than 2 frames runs out of memory; the job still renders every frame."""
-    from render.storyboard import save_image
     from render.video import open_video
     from retarget.pipeline import RetargetPipeline
-    from retarget.samples import sample_actor, write_sample_drive
-    from tracking.track import Track
 
     frames, fps = 10, 25.0
-    drive = write_sample_drive(tmp_path / "drive.mp4", seconds=frames / fps, fps=fps, size=96)
-    actor = tmp_path / "actor.png"
-    save_image(actor, sample_actor())
-    params = (np.random.default_rng(0).standard_normal((frames, 55)) * 0.5).astype(np.float32)
-    track = tmp_path / "drive.track.npz"
-    Track(raw=params, params=params, valid=np.ones(frames, bool), times=np.arange(frames) / fps, fps=fps).save(track)
+    drive, actor, track = random_track_inputs(tmp_path, frames, fps, seed=0, scale=0.5)
 
     real_auto_batch = auto_batch
     chosen = []

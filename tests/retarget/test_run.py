@@ -112,34 +112,19 @@ def test_relative_with_equal_neutrals_matches_absolute(inputs, tiny_weights, tmp
     assert np.abs(a.params).max() > 0.01  # not trivially zero
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_resume_after_kill_gives_identical_video(inputs, track_file, tiny_weights, tmp_path, monkeypatch):
-    from retarget import pipeline as pipeline_mod
-
+def test_resume_after_kill_gives_identical_video(inputs, track_file, tiny_weights, tmp_path, kill_pipeline):
     drive, actor = inputs
     full = tmp_path / "full.mp4"
     run(drive, actor, full, _opts(track_file, end=1.0), weights=tiny_weights, log=lambda *_: None)
 
     out = tmp_path / "resumed.mp4"
-    original = pipeline_mod.RetargetPipeline.__call__
-    calls = {"n": 0}
-
-    def dying(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Killed()
-        return original(self, *a, **kw)
-
-    monkeypatch.setattr(pipeline_mod.RetargetPipeline, "__call__", dying)
-    with pytest.raises(_Killed):
+    kill_pipeline(3)
+    with pytest.raises(kill_pipeline.Killed):
         run(drive, actor, out, _opts(track_file, end=1.0), weights=tiny_weights, log=lambda *_: None)
     assert not out.exists()
     work = tmp_path / f".{out.name}.work" / "frames"
     assert len(list(work.glob("*.png"))) == 16  # two batches of 8 survived the kill
-    monkeypatch.setattr(pipeline_mod.RetargetPipeline, "__call__", original)
+    kill_pipeline.revive()
     summary = run(drive, actor, out, _opts(track_file, end=1.0, resume=True), weights=tiny_weights,
                   log=lambda *_: None)
     assert summary.rendered == 25 - 16

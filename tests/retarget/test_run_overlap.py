@@ -87,30 +87,15 @@ def test_overlapped_run_gives_the_serial_frames_and_its_stages(inputs, track_fil
     assert not [t for t in threading.enumerate() if t.name.startswith("retarget-")]
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_interrupted_then_resumed_gives_the_serial_frames(inputs, track_file, tiny_weights, tmp_path, serial,
-                                                          monkeypatch):
-    from retarget import pipeline as pipeline_mod
-
+                                                          kill_pipeline):
     out = tmp_path / "out.mp4"
-    original = pipeline_mod.RetargetPipeline.__call__
-    calls = {"n": 0}
-
-    def dying(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise _Killed()
-        return original(self, *a, **kw)
-
-    monkeypatch.setattr(pipeline_mod.RetargetPipeline, "__call__", dying)
-    with pytest.raises(_Killed):
+    kill_pipeline(3)
+    with pytest.raises(kill_pipeline.Killed):
         run(*inputs, out, _opts(track_file, tmp_path, "out"), weights=tiny_weights, **QUIET)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     assert sorted(_pngs(_work(out))) == [f"{i:06d}.png" for i in range(8)]  # two batches survived
-    monkeypatch.setattr(pipeline_mod.RetargetPipeline, "__call__", original)
+    kill_pipeline.revive()
     s = run(*inputs, out, _opts(track_file, tmp_path, "out", resume=True), weights=tiny_weights, **QUIET)
     assert s.rendered == 15 - 8
     _assert_same(_pngs(_work(out)), serial["work"])

@@ -29,20 +29,9 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_weights):
+def job(tmp_path_factory, tiny_weights, random_track_inputs):
     """A 5-frame driving clip, the actor photo and a track of 5 distinct expressions."""
-    from render.storyboard import save_image
-    from retarget.samples import sample_actor, write_sample_drive
-    from tracking.track import Track
-
-    root = tmp_path_factory.mktemp("ray_inputs")
-    drive = write_sample_drive(root / "drive.mp4", seconds=FRAMES / FPS, fps=FPS, size=96)
-    actor = root / "actor.png"
-    save_image(actor, sample_actor())
-    params = (np.random.default_rng(3).standard_normal((FRAMES, 55)) * 0.8).astype(np.float32)
-    track = root / "drive.track.npz"
-    Track(raw=params, params=params, valid=np.ones(FRAMES, bool), times=np.arange(FRAMES) / FPS, fps=FPS).save(track)
-    return drive, actor, track
+    return random_track_inputs(tmp_path_factory.mktemp("ray_inputs"), FRAMES, FPS, seed=3, scale=0.8)
 
 
 def _opts(track, **kw) -> RunOptions:
