@@ -16,7 +16,8 @@ one rendered after tracking, whatever the margin guessed: the margin decides onl
 the work is kept.
 
 Batches are the job's own, [kB, (k+1)B): the same frames in the same shapes, so the same bits
-(retarget.run's --resume relies on the same). This module imports nothing from retarget.
+(retarget.run's --resume relies on the same). This module imports only retarget.overlap (whose
+saver thread writes the frames) from retarget.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -103,44 +103,43 @@ class RenderAhead:
     def render(self, render: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]],
                batch: int) -> int:
         """Render final full batches of `batch` frames in order with `render` (Rendering.render's
-        signature) until tracking has ended; returns the frames rendered. The PNGs are written in
-        a thread while the next batch renders."""
+        signature) until tracking has ended; returns the frames rendered. The PNGs are written by
+        retarget.overlap's saver thread while the next batch renders (in bounded memory)."""
+        from retarget.overlap import render_and_write
+
         t0 = time.perf_counter()
-        start, params, final = 0, None, 0
-        with ThreadPoolExecutor(1, thread_name_prefix="retarget-ahead-save") as saver:
-            pending = []
-            while True:
-                with self._cond:
-                    while not self._done and not self._fresh and start + batch > final:
-                        self._cond.wait()
-                    if self._done:
-                        break
-                    # New params only when the next batch needs them: each computation still
-                    # converts every row's time and validity, and smooths a window of rows.
-                    rows = self._rows if self._fresh and start + batch > final else None
-                    self._fresh = self._fresh and rows is None
-                if rows is not None:
-                    # rows stay a list of (55,) arrays: params_of stacks only the window it smooths.
-                    got = self.params_of(np.asarray(rows[0], np.float64), rows[1], np.asarray(rows[2], bool),
-                                         first=start, count=AHEAD_BATCHES * batch)
-                    if got is not None:
-                        params, final = got[0], int(got[1])
-                if params is None or start + batch > final:
-                    continue
-                idx = list(range(start, start + batch))
-                self.folder.mkdir(parents=True, exist_ok=True)
-                used = np.array(params[idx], np.float32, copy=True)
-                for got_idx, images in render([idx], params):
-                    pending.extend(saver.submit(self.save, self._path(i), img) for i, img in zip(got_idx, images))
-                self.used[start] = (idx, used)
-                start += batch
-                for f in pending:  # a failed save (disk full) stops the job here, not at the end
-                    if f.done():
-                        f.result()
-            for f in pending:
-                f.result()
+        # No writer here (sink None): n and load are for the writer; the saver writes each frame.
+        render_and_write(self._batches(render, batch), 0, save=lambda i, img: self.save(self._path(i), img),
+                         load=None, batch=batch)
         self.seconds = time.perf_counter() - t0
         return self.rendered
+
+    def _batches(self, render, batch: int):
+        """(indices, images) of each final full batch, rendered in order, until tracking has ended."""
+        start, params, final = 0, None, 0
+        while True:
+            with self._cond:
+                while not self._done and not self._fresh and start + batch > final:
+                    self._cond.wait()
+                if self._done:
+                    return
+                # New params only when the next batch needs them: each computation still
+                # converts every row's time and validity, and smooths a window of rows.
+                rows = self._rows if self._fresh and start + batch > final else None
+                self._fresh = self._fresh and rows is None
+            if rows is not None:
+                # rows stay a list of (55,) arrays: params_of stacks only the window it smooths.
+                got = self.params_of(np.asarray(rows[0], np.float64), rows[1], np.asarray(rows[2], bool),
+                                     first=start, count=AHEAD_BATCHES * batch)
+                if got is not None:
+                    params, final = got[0], int(got[1])
+            if params is None or start + batch > final:
+                continue
+            idx = list(range(start, start + batch))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.used[start] = (idx, np.array(params[idx], np.float32, copy=True))
+            yield from render([idx], params)
+            start += batch
 
     def adopt(self, params: np.ndarray, dest: Callable[[int], Path]) -> int:
         """Move the frames of every batch rendered with exactly the job's final `params` (T, 55)
