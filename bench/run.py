@@ -69,9 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FPS = 25.0
 MODES = ("fast", "quality")
 DEFAULT_FRAMES = {"fast": 1000, "quality": 300}
-# Seconds per frame on an H100/H200 for --deadline's estimate: render in the job + the pipeline pass
-# (bench/pipeline.py) + paste-back and 1080p encoding.
-GPU_SECONDS_PER_FRAME = {"fast": 0.045 + 0.045 + 0.04, "quality": 0.21 + 0.21 + 0.04}
+# Seconds per frame on an H200 for --deadline's estimate: the whole job (measured 2026-12-03: 0.035
+# fast, 0.19 quality) and the pipeline pass of 160 frames spread over the mode's default clip, with room.
+GPU_SECONDS_PER_FRAME = {"fast": 0.045, "quality": 0.30}
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -162,10 +162,13 @@ class StageClock:
 
             def timed(*a, **kw):
                 t0 = time.perf_counter()
+                stats.setdefault("track_calls", []).append(t0)
                 try:
                     return real(*a, **kw)
                 finally:
                     stats["track"] = stats.get("track", 0.0) + time.perf_counter() - t0
+                    if isinstance(kw.get("stats"), dict) and "timeline" in kw["stats"]:
+                        stats.setdefault("timelines", []).append(kw["stats"]["timeline"])
 
             tracker.track_video = timed
             try:
@@ -264,6 +267,15 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     out = work / f"{mode}.mp4"
     lines: list[str] = []
     kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
+    made: list = []  # the job's RenderAhead, for the times its batches began
+    real_ahead = rr.RenderAhead
+
+    class SeenAhead(real_ahead):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    rr.RenderAhead = SeenAhead
     try:
         with StageClock.tracking(stats):
             t0 = time.perf_counter()
@@ -273,9 +285,18 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
             job_s = time.perf_counter() - t0
     finally:
         rr.RENDER_AHEAD = kept_setting
+        rr.RenderAhead = real_ahead
     row = {"mode": mode, "ahead": ahead, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
+    # When things happened, in seconds from the job's start: the tracker's own events (its start,
+    # workers, encoder, first frame and faces, each encoder batch) and each batch rendered ahead.
+    if stats.get("track_calls"):
+        shift = stats["track_calls"][0] - t0
+        row["timeline"] = [["track_video called", round(shift, 4)]] + [
+            [event, round(shift + s, 4)] for event, s in (stats.get("timelines") or [[]])[0]]
+    if made and getattr(made[0], "batch_starts", None):
+        row["ahead_batch_starts_s"] = [round(b - t0, 4) for b in made[0].batch_starts]
     if torch.cuda.is_available():
         row.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
@@ -373,6 +394,21 @@ OOM_ROOM = 0.7
 
 # -- main -----------------------------------------------------------------------------------------
 
+def track_probe(drive: Path, layout, device: str, workers: str, frames: int) -> dict:
+    """track_video alone on `frames` frames of `drive` with `workers` detection processes ("auto"
+    or a number): seconds, and its timeline (tracking.tracker's events, seconds from the call)."""
+    from tracking.tracker import TrackOptions, track_video
+
+    stats: dict = {}
+    opts = TrackOptions(device=device, detect_workers=-1 if workers == "auto" else int(workers), end=frames / FPS)
+    t0 = time.perf_counter()
+    track_video(drive, smirk_path=layout.smirk_ckpt, options=opts, progress=False, stats=stats)
+    seconds = time.perf_counter() - t0
+    rows = [e for e, _ in stats["timeline"] if e.startswith("rows ")]
+    return {"workers": workers, "frames": stats["frames_tracked"], "seconds": seconds,
+            "first_rows": rows[0] if rows else None, "timeline": stats["timeline"]}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -410,6 +446,12 @@ def main(argv=None) -> int:
     ap.add_argument("--oom-only", action="store_true", help="only the out-of-memory check (GPU)")
     ap.add_argument("--ahead", default="on",
                     help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
+    ap.add_argument("--kernels", default="default", metavar="VARIANT,...",
+                    help="kernel switches per job (retarget/kernels.py): default, or a KernelOptions flag to turn on "
+                         "for the job and its pipeline pass, e.g. default,cuda_graph (default: default)")
+    ap.add_argument("--track-probe", default="", metavar="WORKERS,...",
+                    help="before the jobs, track the clip alone once per item (detection processes: a number "
+                         "or auto) with the tracker's timeline, e.g. auto,0,auto")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
@@ -422,6 +464,12 @@ def main(argv=None) -> int:
     aheads = [{"on": True, "off": False}.get(a) for a in args.ahead.split(",") if a]
     if None in aheads or not aheads:
         ap.error("--ahead: a comma-separated list of on, off")
+    from retarget.kernels import KernelOptions
+
+    variants = [k for k in args.kernels.split(",") if k]
+    flags = {f.name for f in dataclasses.fields(KernelOptions) if f.type in (bool, "bool")}
+    if not variants or set(variants) - flags - {"default"}:
+        ap.error(f"--kernels: default or any of {', '.join(sorted(flags))}")
     args.tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if args.tiny else "cuda"
     if args.faces == "standin":
@@ -475,24 +523,36 @@ def main(argv=None) -> int:
         pipe = RetargetPipeline.from_weights(layout, device=dev, dtype=dtype, lcm="fast" in modes)
         sync()
         info["load_s"] = time.perf_counter() - t0
+        for item in [w for w in args.track_probe.split(",") if w]:
+            info.setdefault("track_probe", []).append(track_probe(inputs[0], layout, device, item, max(frames.values())))
+            p = info["track_probe"][-1]
+            print(f"track probe (workers {item}): {p['frames']} frames in {p['seconds']:.2f}s; "
+                  + ", ".join(f"{e} {t:.2f}" for e, t in p["timeline"] if not e.startswith("rows ") or e == p["first_rows"]),
+                  flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(variants)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
                 continue
-            first = None
-            for ahead in aheads:
-                row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
-                               reference=first)
-                first = first or row
-                # As a cold `retarget run` would be: the models' load inside the job.
-                row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
-                info["rows"].append(row)
-                print(f"{mode} (ahead {'on' if ahead else 'off'}): job {row['job_fps']:.2f} frames/s, pipeline "
-                      f"{row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
-                      + (f"; {row['ahead_log'][0]}" if row["ahead_log"] else ""), flush=True)
+            for variant in variants:
+                first = None
+                pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
+                try:
+                    for ahead in aheads:
+                        row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
+                                       reference=first)
+                        row["kernels"] = variant
+                        first = first or row
+                        # As a cold `retarget run` would be: the models' load inside the job.
+                        row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
+                        info["rows"].append(row)
+                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}): job {row['job_fps']:.2f} "
+                              f"frames/s, pipeline {row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
+                              + (f"; {row['ahead_log'][0]}" if row["ahead_log"] else ""), flush=True)
+                finally:
+                    pipe.kernels = KernelOptions()
         if args.oom_check and not args.tiny and args.deadline - (time.perf_counter() - start) < 40:
             info["skipped"].append("oom check: under 40s left of --deadline")
         elif args.oom_check and not args.tiny:
@@ -507,14 +567,15 @@ def main(argv=None) -> int:
     print(f"\n{info['device']}, {info['host_cpus']} CPUs, faces: {faces_note}"
           + (f", memory cap {args.memory_gb:g} GiB" if cap else ""))
     print(f"load {info['load_s']:.1f}s (not in the jobs), weights written in {info['weights_write_s']:.1f}s")
-    head = f"{'mode':14s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
+    head = f"{'mode':20s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
     print(head)
     for r in info["rows"]:
         stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
-        name = f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}"
-        print(f"{name:14s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
+        name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}"
+                f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")
+        print(f"{name:20s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")
     for s in info["skipped"]:
         print(f"skipped {s}")

@@ -77,6 +77,7 @@ class RenderAhead:
         self._cancelled = False
         self.used: dict[int, tuple[list[int], np.ndarray]] = {}  # first frame -> (indices, params rows)
         self.seconds = 0.0  # spent rendering ahead
+        self.batch_starts: list[float] = []  # time.perf_counter() as each batch began (benchmarks)
 
     # ------------------------------------------------------------------ the tracking thread
     def observe(self, times: list, rows: list, valid: list) -> None:
@@ -138,6 +139,7 @@ class RenderAhead:
             idx = list(range(start, start + batch))
             self.folder.mkdir(parents=True, exist_ok=True)
             self.used[start] = (idx, np.array(params[idx], np.float32, copy=True))
+            self.batch_starts.append(time.perf_counter())
             yield from render([idx], params)
             start += batch
 

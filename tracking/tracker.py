@@ -19,6 +19,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -162,7 +163,17 @@ def _init_worker(factory: Callable[[], object]) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
-    _worker_backend = factory()
+    # No OpenCL: these arrays never become UMats, and OpenCV's first call otherwise starts the
+    # OpenCL runtime (seconds on a host with a GPU driver's ICD) inside the first chunk.
+    cv2.ocl.setUseOpenCL(False)
+    backend = factory()
+    try:
+        # First calls pay lazy set-up (OpenCV's dispatch, dlib's first pyramid): here, while the
+        # parent decodes, not in the first chunk, which the whole job waits for.
+        backend.detect(np.zeros((360, 640, 3), np.uint8))
+    except Exception:  # a backend that cannot look at a blank frame: it pays on its first chunk
+        pass
+    _worker_backend = backend
 
 
 def _faces_for_chunk(indices: list[int], frames, redetect_every: int) -> list:
@@ -264,8 +275,8 @@ def start_workers(workers: int, factory: Callable[[], object]):
     # spawn: the parent may hold torch/OpenMP threads, which fork would copy in a broken state.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                initargs=(factory,))
-    for _ in range(workers):  # the pool spawns a process per task while none is idle
-        pool.submit(_ready)
+    # The pool spawns a process per task while none is idle; `ready` tells when all have started.
+    pool.ready = [pool.submit(_ready) for _ in range(workers)]
     return pool
 
 
@@ -344,7 +355,10 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
                 break
             if chunk and frame.index % chunk_len == 0:
                 submit()
-                while len(window) >= max_chunks:
+                # Full window: wait for the oldest chunk. Otherwise hand on the chunks already
+                # done, in order: waiting for the window to fill first held the first faces back
+                # until ~2 chunks a worker were decoded (0.8 s at 1080p on a 16-core host).
+                while window and (len(window) >= max_chunks or window[0][2].done()):
                     yield from collect()
             chunk.append(frame)
         if chunk:
@@ -392,14 +406,16 @@ def encoder_crop(rgb: np.ndarray, face) -> np.ndarray:
 
 
 def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_size: int,
-                    on_frame: Callable[[int], object], observe: Callable | None = None,
-                    ) -> tuple[list[float], list[np.ndarray], list[bool]]:
+                    on_frame: Callable[[int], object], observe: Callable | None = None, *,
+                    one_shape: bool = False) -> tuple[list[float], list[np.ndarray], list[bool]]:
     """Follow the subject through `stream` ((frame, faces) in order, from detect_stream) and
-    SMIRK-encode its crops in batches of `batch_size`. Returns per frame: time in seconds,
+    SMIRK-encode its crops in batches of `batch_size` (one_shape: every call padded to
+    `batch_size` and run on tracking.encode_thread's thread, for CUDA). Returns per frame: time in seconds,
     the 55-d float32 vector (NaN where the subject was not found) and whether it was found.
     `on_frame(1)` is called after each frame (a progress bar's update); `observe`, after each
     encoder batch, gets (times, rows, valid) of every frame so far, as new lists: all settled,
     since no crop is left waiting for the encoder then."""
+    from tracking.encode_thread import encode_batch
     from tracking.faces import follow_subject
 
     times: list[float] = []
@@ -410,7 +426,8 @@ def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_si
 
     def flush() -> None:
         if crops:
-            out = encoder.encode(np.stack(crops))
+            out = encode_batch(encoder, np.stack(crops), pad_to=batch_size if one_shape else 0,
+                               on_thread=one_shape)
             for row, vec in zip(crop_rows, out):
                 raw_rows[row] = vec
             crops.clear()
@@ -497,7 +514,10 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     subject is picked afresh at the span's start). The track records the range it covers
     (`Track.range_start/range_end`). stats: a dict that receives `frames_decoded` (by the
     decoder, those dropped after the seek included), `frames_tracked` (through the face
-    finder and encoder), `frames_kept` (in the track) and `margin_frames` (before, after).
+    finder and encoder), `frames_kept` (in the track) `margin_frames` (before, after) and
+    `timeline`: [(event, seconds since the call)] for benchmarks of the tracker's start
+    (workers started and ready, encoder loaded and warm, first frame decoded, first faces, each encoder
+    batch as "rows N", end).
     observe: called in this thread after each encoder batch with (times, raw rows, valid) of
     every frame tracked so far (see `smooth_rows` for what they give); an exception it raises
     stops the tracking (retarget.ahead renders while tracking with it).
@@ -537,10 +557,28 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     factory = backend_factory or default_backend_factory(landmarker_path)
     from tqdm import tqdm
 
+    t_call = time.perf_counter()
+    timeline: list = []
+
+    def mark(event: str) -> None:
+        timeline.append((event, round(time.perf_counter() - t_call, 4)))
+
     # Workers start first: their start-up overlaps loading the encoder (and CUDA's).
     with start_workers(workers, factory) if workers > 0 else contextlib.nullcontext() as pool:
+        if pool is not None:
+            mark("workers started")
+            _when_all(pool.ready, lambda: mark("workers ready"))
         encoder = load_smirk_encoder(smirk_path, device=device, dtype=torch.float32)
+        # On CUDA: one batch shape, on one thread whose cuDNN plans outlive the job, warmed
+        # while the workers start (tracking/encode_thread.py says what that saves).
+        one_shape = device == "cuda"
+        if one_shape:
+            from tracking.encode_thread import warm_up
+
+            warm_up(encoder, batch_size).add_done_callback(lambda _: mark("encoder warm"))
+        mark("encoder loaded")
         backend = factory()
+        mark("backend built")
         bar = tqdm(total=total, unit="frame", desc=f"tracking {path.name}", disable=not progress,
                    dynamic_ncols=True)
         torch_threads = torch.get_num_threads()
@@ -552,9 +590,17 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
             frames = _span_frames(reader, span_start, start, end, options.max_frames, after)
             if options.decode_ahead > 0:
                 frames = prefetch(frames, options.decode_ahead)
-            stream = detect_stream(frames, backend, workers=workers, pool=pool,
+            stream = detect_stream(_first_marked(frames, mark, "first frame"), backend, workers=workers, pool=pool,
                                    redetect_every=options.redetect_every)
-            times, raw_rows, valid = _encode_subject(stream, encoder, batch_size, bar.update, observe)
+
+            def observed(times, rows, valid):
+                mark(f"rows {len(rows)}")
+                if observe is not None:
+                    observe(times, rows, valid)
+
+            times, raw_rows, valid = _encode_subject(_first_marked(stream, mark, "first faces"), encoder,
+                                                     batch_size, bar.update, observed, one_shape=one_shape)
+            mark("end")
         except torch.cuda.OutOfMemoryError:
             raise RetargetError(f"out of GPU memory while encoding {path}; use a smaller --batch-size") from None
         finally:
@@ -566,7 +612,7 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
     keep = rows_in_range(times_arr, start, end)[:options.max_frames]
     if stats is not None:
         stats.update(frames_decoded=reader.decoded, frames_tracked=len(times), frames_kept=len(keep),
-                     margin_frames=(before, after))
+                     margin_frames=(before, after), timeline=timeline)
     if not len(keep):
         where = f"between {start:g}s and {end:g}s" if end is not None else f"from {start:g}s on"
         raise RetargetError(f"{path} has no frame {where} (its last frame is at {times_arr[-1]:.3f}s)")
@@ -581,6 +627,33 @@ def track_video(path: str | os.PathLike, *, smirk_path: str | os.PathLike,
                  fps=reader.fps, source=str(path), source_sha256=source_sha256(path), backend=backend.name,
                  weights_id=weights_identity(smirk_path), smoothing=smoothing, range_start=start,
                  range_end=range_end)
+
+
+def _first_marked(items: Iterator, mark: Callable[[str], None], event: str) -> Iterator:
+    """`items` unchanged, calling mark(event) when the first one arrives."""
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
+        return
+    mark(event)
+    yield first
+    yield from items
+
+
+def _when_all(futures: list, call: Callable[[], None]) -> None:
+    """call() (in whichever thread finishes last) once every future is done."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            call()
+
+    for fut in futures:
+        fut.add_done_callback(one_done)
 
 
 def rows_in_range(times: np.ndarray, start: float, end: float | None) -> np.ndarray:
