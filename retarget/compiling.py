@@ -47,11 +47,13 @@ TORCH_MODE = "reduce-overhead"  # CUDA graphs: the CPU leaves the loop (bench/NO
 # bench/results/pipeline_NVIDIA_H100_80GB_HBM3_2026-11-24_speed.json and _speed2.json (README, Speed):
 # quality = DPM++ 25 steps + CFG + reference bank, 0.69 / 4.75 / 5.20 frames/s eager and
 # 3.72 / 6.37 / 6.69 compiled at B = 1 / 8 / 32. Fast (LCM 4 steps + reference): eager 4.89 / 17.0 /
-# 25.3 frames/s measured; its compiled column is an ESTIMATE (quality's compiled/eager ratio at each B,
-# the VAE decode kept) until bench/compile.py has measured it on the GPU.
+# 25.3 frames/s measured. Its compiled column at B=32 is the measured ratio: H200, B=32, 31.8 -> 30.6
+# ms/frame (x1.04; bench/results/compile_NVIDIA_H200_2026-12-03_fast.json) applied to the H100's eager
+# figure; at B = 1 and 8 it is still an ESTIMATE (quality's compiled/eager ratio at each B, the VAE
+# decode kept), not measured.
 SPEED = {
     "quality": {"steps": 25, "rows": {1: (1.449, 0.269), 8: (0.2105, 0.157), 32: (0.1923, 0.1495)}},
-    "fast": {"steps": 4, "rows": {1: (0.2045, 0.045), 8: (0.0588, 0.044), 32: (0.0395, 0.031)}},
+    "fast": {"steps": 4, "rows": {1: (0.2045, 0.045), 8: (0.0588, 0.044), 32: (0.0395, 0.0380)}},
 }
 # Compile seconds of one shape. Cold (empty cache): 70-85 s on the H100 (bench/NOTES.md), the worst
 # taken. Warm (this shape in the cache): H200, quality mode, B=32 (2026-12-03,
