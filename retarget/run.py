@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ from retarget.overlap import Background
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
 AHEAD = "ahead"  # frames rendered while tracking, until checked against the final params (retarget.ahead)
+_FRAME_NAME = re.compile(r"\d{6}\.png")  # WorkFolder.frame_path's and RenderAhead's names
 RENDER_AHEAD = True  # render the batches whose params are final while the clip is tracked (tests switch it)
 
 
@@ -182,11 +184,22 @@ class WorkFolder:
         if not self.root.is_dir():
             return
         foreign = sorted(p.name for p in self.root.iterdir()
-                         if p.name not in self.OWN and ".partial-" not in p.name)
+                         if (p.name not in self.OWN or not self._own_entry(p)) and ".partial-" not in p.name)
         if foreign:
             raise RetargetError(f"--work {self.root} holds files that are not a retarget work folder's "
                                 f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); starting over "
                                 "would delete them: choose a new or empty folder")
+
+    @staticmethod
+    def _own_entry(p: Path) -> bool:
+        """An entry with one of OWN's names is this class's only in the form it writes: a file for
+        the manifest and the track, a folder of frame PNGs (000000.png, or their temporary names)
+        for frames/ and ahead/, so that a user's own `frames` or `ahead` folder is never emptied."""
+        if p.name in (MANIFEST, TRACK_CACHE):
+            return p.is_file()
+        if not p.is_dir() or p.is_symlink():
+            return False
+        return all(q.is_file() and (_FRAME_NAME.fullmatch(q.name) or ".partial-" in q.name) for q in p.iterdir())
 
     def start(self, manifest: dict, resume: bool) -> None:
         path = self.root / MANIFEST

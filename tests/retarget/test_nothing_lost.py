@@ -114,6 +114,21 @@ def test_work_folder_of_the_users_is_never_deleted(inputs, tiny_weights, tmp_pat
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name", ["ahead", "frames"])
+def test_a_users_folder_with_a_work_folders_name_is_never_emptied(name, inputs, tiny_weights, tmp_path, capsys,
+                                                                   no_work):
+    """`ahead/` and `frames/` are the work folder's own names; a user's folder of that name in a
+    --work folder (not frame PNGs alone) must be refused, not emptied (render-ahead clears ahead/,
+    starting over clears frames/)."""
+    mine = tmp_path / "project"
+    (mine / name).mkdir(parents=True)
+    (mine / name / "storyboard.txt").write_text("keep me")
+    (mine / name / "000001.png").write_bytes(b"not ours either")
+    _refused(capsys, ["run", inputs[0], inputs[1], "-o", tmp_path / "o.mp4", "--work", mine,
+                      "--weights", tiny_weights, *W], "--work", name, "would delete them")
+    assert (mine / name / "storyboard.txt").read_text() == "keep me"
+
+
 def test_storyboard_refuses_the_actor_photo_and_its_sources(inputs, tiny_weights, tmp_path, capsys, no_work):
     actor = _copy(inputs[1], tmp_path / "actor.png")
     before = _digest(actor)
