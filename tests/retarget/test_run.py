@@ -108,7 +108,10 @@ def test_relative_with_equal_neutrals_matches_absolute(inputs, tiny_weights, tmp
     a = run(drive, actor, tmp_path / "abs.mp4", _opts(raw_track, **common), weights=tiny_weights, log=lambda *_: None)
     b = run(drive, actor, tmp_path / "rel.mp4", _opts(raw_track, relative=True, neutral_frame=k, **common),
             weights=tiny_weights, log=lambda *_: None)
-    np.testing.assert_allclose(b.params, a.params, atol=1e-4)
+    # The photo's vector comes from a batch of 1, frame k's from a batch of 8: float32 convolutions
+    # of another batch shape round differently (~3e-6 relative seen, on values up to ~190 from the
+    # random tiny encoder), so the tolerance is relative, with an absolute floor for values near 0.
+    np.testing.assert_allclose(b.params, a.params, rtol=2e-5, atol=1e-4)
     assert np.abs(a.params).max() > 0.01  # not trivially zero
 
 

@@ -230,34 +230,36 @@ def test_parallel_frames_of_other_sizes_and_early_stop(decoded, monkeypatch):
 def test_parallel_faces_come_as_soon_as_their_chunk_is_done(decoded):
     """With workers, a chunk's faces are handed on once it is done, not once the window of
     chunks in flight is full (4 chunks for 2 workers): the consumer has the first faces before
-    the third chunk's frames are read. Frames arrive slowly (as from a 1080p decoder), so the
-    first chunk is done well before the next ones are submitted."""
+    the third chunk's frames are read. The frames wait for the first chunk's result before the
+    frame that starts the third chunk, so the test does not depend on the machine's speed."""
     import functools
-    import time as _time
+    from concurrent.futures import wait
 
     from tracking.faces import DlibBackend
     from tracking.tracker import start_workers
 
-    pulled = [0]
+    pulled, submitted = [0], []
 
-    def slow_frames():
+    def frames():
         for f in decoded:
+            if f.index == 18:  # chunks of 9 (cadence 3): 0-8, 9-17, 18-23; chunk 0 went out at frame 9
+                wait(submitted[:1], timeout=60)
             pulled[0] += 1
-            if f.index >= 3:
-                _time.sleep(0.1)  # 0.9 s a later chunk: the first one (frames 0-8) is done long before
             yield f
 
     with start_workers(2, functools.partial(DlibBackend)) as pool:
         for fut in pool.ready:
             fut.result()
-        stream = detect_stream(slow_frames(), None, workers=2, redetect_every=3, pool=pool)
+        real_submit = pool.submit
+        pool.submit = lambda *a, **kw: submitted.append(real_submit(*a, **kw)) or submitted[-1]
+        stream = detect_stream(frames(), None, workers=2, redetect_every=3, pool=pool)
         first, _ = next(stream)
         at_first = pulled[0]
         rest = [f.index for f, _ in stream]
     assert first.index == 0 and rest == list(range(1, N_FRAMES))
-    # Chunks of 9 frames (cadence 3, at least 8): 0-8, 9-17, 18-23. The first faces come when the
-    # third chunk starts (frame 18 read); waiting for a full window (4 chunks) gave them after all 24.
-    assert at_first <= 2 * 9 + 1, at_first
+    # The first faces come when the third chunk starts (frame 18 read: 19 frames pulled); waiting
+    # for a full window (4 chunks) gave them only after all 24.
+    assert at_first == 19, at_first
 
 
 def test_detect_every_frame_option_gives_the_same_invalid_mask(face_video, smirk_path, unsmoothed):
