@@ -173,6 +173,7 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
     from render.video import prefetch
     from tracking import smoothing as sm
     from tracking.choice import Subject
+    from tracking.encode_thread import encode_batch
     from tracking.faces import make_face_backend
     from tracking.smirk import load_smirk_encoder
     from tracking.tracker import encoder_crop
@@ -190,7 +191,7 @@ def analyse_actor(path: Path, reader, choice, layout, device: str, opts: RunOpti
 
     def flush():
         if crops:
-            for r, vec in zip(rows, encoder.encode(np.stack(crops))):
+            for r, vec in zip(rows, encode_batch(encoder, np.stack(crops), batch if device == "cuda" else 0)):
                 raw[r] = vec
             crops.clear()
             rows.clear()

@@ -379,6 +379,7 @@ def resolve_sources(sources: Sequence[Source], *, layout=None, device: str = "cp
     import torch
 
     from render.video import open_video
+    from tracking.encode_thread import encode_batch
     from tracking.faces import follow_subject
     from tracking.smirk import load_smirk_encoder
     from tracking.tracker import default_backend_factory, encoder_crop, resolve_device
@@ -420,7 +421,7 @@ def resolve_sources(sources: Sequence[Source], *, layout=None, device: str = "cp
     bar.close()
     batch = 64 if dev == "cuda" else 8
     for s in range(0, len(crops), batch):
-        vecs = encoder.encode(np.stack(crops[s:s + batch]))
+        vecs = encode_batch(encoder, np.stack(crops[s:s + batch]), batch if dev == "cuda" else 0)
         for j, vec in zip(pictures[s:s + batch], vecs):
             out[j] = vec
     return out

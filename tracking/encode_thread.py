@@ -44,17 +44,14 @@ def padded(crops: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([crops, np.repeat(crops[-1:], size - n, axis=0)])
 
 
-def encode_batch(encoder, crops: np.ndarray, *, pad_to: int = 0, on_thread: bool = False) -> np.ndarray:
-    """encoder.encode(crops) -> (n, 55) float32 for crops (n, 224, 224, 3) uint8, padded to
-    `pad_to` rows first (0: as they are) and run on the encoder thread when `on_thread` (the
-    caller waits for it; errors, out-of-memory included, are raised here)."""
-    n = len(crops)
-    batch = padded(crops, pad_to) if pad_to else crops
-    if on_thread:
-        out = encode_pool().submit(encoder.encode, batch).result()
-    else:
-        out = encoder.encode(batch)
-    return out[:n]
+def encode_batch(encoder, crops: np.ndarray, one_shape: int = 0) -> np.ndarray:
+    """encoder.encode(crops) -> (n, 55) float32 for crops (n, 224, 224, 3) uint8. one_shape: 0,
+    as they are in this thread (the CPU); else padded to that many rows (n <= one_shape) and
+    encoded on the encoder thread, which the caller waits for (CUDA: one shape on one thread;
+    errors, out-of-memory included, are raised here)."""
+    if not one_shape:
+        return encoder.encode(crops)
+    return encode_pool().submit(encoder.encode, padded(crops, one_shape)).result()[:len(crops)]
 
 
 def warm_up(encoder, batch: int, size: int = 224) -> Future:

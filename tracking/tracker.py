@@ -419,8 +419,7 @@ def _encode_subject(stream: Iterator[tuple[VideoFrame, list]], encoder, batch_si
 
     def flush() -> None:
         if crops:
-            out = encode_batch(encoder, np.stack(crops), pad_to=batch_size if one_shape else 0,
-                               on_thread=one_shape)
+            out = encode_batch(encoder, np.stack(crops), batch_size if one_shape else 0)
             for row, vec in zip(crop_rows, out):
                 raw_rows[row] = vec
             crops.clear()

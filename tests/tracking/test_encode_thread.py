@@ -51,7 +51,7 @@ def test_one_thread_for_every_call_and_warm_up_queues_on_it(encoder):
     assert len(set(names)) == 1 and names[0] != threading.current_thread().ident
     rec = Recording(encoder)
     warm_up(rec, 4).result()
-    encode_batch(rec, np.zeros((2, 224, 224, 3), np.uint8), pad_to=4, on_thread=True)
+    encode_batch(rec, np.zeros((2, 224, 224, 3), np.uint8), 4)
     assert rec.calls == [(4, rec.calls[0][1])] * 2 and rec.calls[0][1].startswith("smirk-encode")
 
 
