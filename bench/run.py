@@ -51,6 +51,7 @@ models folder), given by `--predictor-5 PATH` or $RETARGET_STANDIN_5PT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -187,20 +188,47 @@ def sync():
 
 
 def pipeline_rate(pipe, actor, params: np.ndarray, batch_sizes: list[int], call: dict) -> dict:
-    """The loaded pipeline called directly on `params` in batches of `batch_sizes`: frames/s."""
+    """The loaded pipeline called directly on `params` in batches of `batch_sizes`: frames/s, and the
+    seconds of each call (`call_s`; a call returns host arrays, so each is synchronised)."""
     n, s = 0, 0
+    calls = []
     sync()
     t0 = time.perf_counter()
     for b in batch_sizes:
         if s >= len(params):
             break
         idx = list(range(s, min(len(params), s + b)))
+        t = time.perf_counter()
         pipe(actor, params[idx], frame_indices=idx, **call)
+        calls.append(time.perf_counter() - t)
         n += len(idx)
         s += b
     sync()
     secs = time.perf_counter() - t0
-    return {"frames": n, "seconds": secs, "fps": n / secs}
+    return {"frames": n, "seconds": secs, "fps": n / secs, "call_s": [round(c, 4) for c in calls]}
+
+
+@contextlib.contextmanager
+def overlap_stats(into: dict):
+    """A context in which retarget.overlap.render_and_write's stats (each render call's seconds,
+    the renderer's waits for the saver) are also copied into `into`."""
+    from retarget import overlap
+
+    real = overlap.render_and_write
+
+    def seen(*a, **kw):
+        stats = kw.get("stats")
+        kw["stats"] = stats = {} if stats is None else stats
+        try:
+            return real(*a, **kw)
+        finally:
+            into.update(stats)
+
+    overlap.render_and_write = seen
+    try:
+        yield
+    finally:
+        overlap.render_and_write = real
 
 
 class CallLog:
@@ -234,9 +262,10 @@ class CallLog:
 # -- one mode -------------------------------------------------------------------------------------
 
 def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
-             reference: dict | None = None) -> dict:
+             reference: dict | None = None, paste_back: bool = True) -> dict:
     """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
-    reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches)."""
+    reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches);
+    paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads)."""
     import torch
 
     import retarget.run as rr
@@ -245,7 +274,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     drive, actor_path = inputs
     fast = mode == "fast"
     steps = args.steps or (2 if args.tiny else None)
-    opts = RunOptions(fast=fast, batch=args.batch, device=device, paste_back=True, end=frames / FPS, keep_work=True,
+    opts = RunOptions(fast=fast, batch=args.batch, device=device, paste_back=paste_back, end=frames / FPS, keep_work=True,
                       **({"steps": steps} if steps else {}))
     call = render_call(opts)
     has_stages = "stages" in {f.name for f in dataclasses.fields(RunSummary)}
@@ -264,6 +293,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
         base_alloc = torch.cuda.memory_allocated()
     clock = StageClock()
     stats: dict = {}
+    ostats: dict = {}  # retarget.overlap's: the render calls after tracking
     out = work / f"{mode}.mp4"
     lines: list[str] = []
     kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
@@ -277,7 +307,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
 
     rr.RenderAhead = SeenAhead
     try:
-        with StageClock.tracking(stats):
+        with StageClock.tracking(stats), overlap_stats(ostats):
             t0 = time.perf_counter()
             summary = run(drive, actor_path, out, opts, weights=weights, log=lines.append,
                           prepare=clock.prepare_hook(pipe, wrap_render=not has_stages))
@@ -286,7 +316,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     finally:
         rr.RENDER_AHEAD = kept_setting
         rr.RenderAhead = real_ahead
-    row = {"mode": mode, "ahead": ahead, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
+    row = {"mode": mode, "ahead": ahead, "paste_back": paste_back, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
     # When things happened, in seconds from the job's start: the tracker's own events (its start,
@@ -326,6 +356,13 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     todo = summary.params[: args.pipeline_frames or None]
     row["pipeline"] = reference["pipeline"] if reference else pipeline_rate(pipe, r.actor, todo, sizes, r.call)
     row["pipeline_fps"] = row["pipeline"]["fps"]
+    # Same batches alone and in the job (after tracking): a slower median call in the job is contention
+    # (cores, GIL, memory); equal medians put the loss between the calls or before the first.
+    job_calls = [c for c in ostats.get("batch_s", [])]
+    row["render_calls"] = {"job_median_s": float(np.median(job_calls)) if job_calls else None,
+                           "job_n": len(job_calls), "render_waits": ostats.get("render_waits"),
+                           "alone_median_s": float(np.median(row["pipeline"]["call_s"])) if row["pipeline"].get("call_s") else None,
+                           "job_s": [round(c, 4) for c in job_calls]}
     row["ratio"] = row["job_fps"] / row["pipeline_fps"]
     if isinstance(row["stages"].get("render"), float) and row["stages"]["render"] > 0:
         row["render_stage_fps"] = summary.frames / row["stages"]["render"]
@@ -446,6 +483,9 @@ def main(argv=None) -> int:
     ap.add_argument("--oom-only", action="store_true", help="only the out-of-memory check (GPU)")
     ap.add_argument("--ahead", default="on",
                     help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
+    ap.add_argument("--paste-back", default="on",
+                    help="paste the faces back into the 1080p photo (on), or write the 512 px crops (off); on,off "
+                         "compares in one run: without paste-back the writer's CPU work is a fraction")
     ap.add_argument("--kernels", default="default", metavar="VARIANT,...",
                     help="kernel switches per job (retarget/kernels.py): default, or a KernelOptions flag to turn on "
                          "for the job and its pipeline pass, e.g. default,cuda_graph (default: default)")
@@ -464,6 +504,9 @@ def main(argv=None) -> int:
     aheads = [{"on": True, "off": False}.get(a) for a in args.ahead.split(",") if a]
     if None in aheads or not aheads:
         ap.error("--ahead: a comma-separated list of on, off")
+    pastes = [{"on": True, "off": False}.get(a) for a in args.paste_back.split(",") if a]
+    if None in pastes or not pastes:
+        ap.error("--paste-back: a comma-separated list of on, off")
     from retarget.kernels import KernelOptions
 
     variants = [k for k in args.kernels.split(",") if k]
@@ -531,7 +574,7 @@ def main(argv=None) -> int:
                   flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(variants)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(variants)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
@@ -540,17 +583,23 @@ def main(argv=None) -> int:
                 first = None
                 pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
                 try:
-                    for ahead in aheads:
+                    for ahead, paste in [(a, p) for a in aheads for p in pastes]:
                         row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
-                                       reference=first)
+                                       reference=first, paste_back=paste)
                         row["kernels"] = variant
                         first = first or row
                         # As a cold `retarget run` would be: the models' load inside the job.
                         row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
                         info["rows"].append(row)
-                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}): job {row['job_fps']:.2f} "
+                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, paste-back {'on' if paste else 'off'}): "
+                              f"job {row['job_fps']:.2f} "
                               f"frames/s, pipeline {row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
                               + (f"; {row['ahead_log'][0]}" if row["ahead_log"] else ""), flush=True)
+                        rc = row["render_calls"]
+                        if rc["job_median_s"] and rc["alone_median_s"]:
+                            print(f"  render call median: job {rc['job_median_s']:.3f}s ({rc['job_n']} calls after "
+                                  f"tracking), alone {rc['alone_median_s']:.3f}s; renderer waited for the saver "
+                                  f"{rc['render_waits']} times", flush=True)
                 finally:
                     pipe.kernels = KernelOptions()
         if args.oom_check and not args.tiny and args.deadline - (time.perf_counter() - start) < 40:
@@ -573,7 +622,7 @@ def main(argv=None) -> int:
         stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
-        name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}"
+        name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}{'' if r.get('paste_back', True) else ' crops'}"
                 f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")
         print(f"{name:20s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")

@@ -187,12 +187,13 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     "rendering" bar, then a "writing" bar from the frames written so far; None: no bars.
     buffer_frames: reorder buffer capacity (default 4 x batch, at least 8).
     stats: filled with perf_counter times `render_start`, `render_end` (last frame rendered),
-    `written_end`, and `gpu_busy` (s), `max_held`, `bound`, `spilled`, `render_waits`.
+    `written_end`, and `gpu_busy` (s), `batch_s` (seconds of each render call, in order), `max_held`,
+    `bound`, `spilled`, `render_waits`.
     """
     saved = set(saved)
     buffer_frames = buffer_frames or max(8, 4 * batch)
     stats = {} if stats is None else stats
-    stats.update(gpu_busy=0.0, max_held=0, bound=held_bound(batch, queue_batches, buffer_frames), spilled=0,
+    stats.update(gpu_busy=0.0, batch_s=[], max_held=0, bound=held_bound(batch, queue_batches, buffer_frames), spilled=0,
                  render_waits=0)
     crew = Crew()
     chan = Channel(crew, queue_batches)
@@ -239,7 +240,9 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
                     except StopIteration:
                         break
                     finally:
-                        stats["gpu_busy"] += time.perf_counter() - t
+                        took = time.perf_counter() - t
+                        stats["gpu_busy"] += took
+                        stats["batch_s"].append(took)
                     stats["render_end"] = time.perf_counter()
                     hold(len(idx))
                     chan.put((idx, images))

@@ -91,6 +91,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         # fold the call's LoRA scales into the weights for the loop, re-folded when they change.
         self.fuse_loras = True
         self._compiled_unet = None
+        self._compiled_decode = None
         # Kernel switches (retarget/kernels.py), all off by default; bench/pipeline.py measures each.
         self.kernels = kernels.KernelOptions()
         self._kernel_state = kernels.KernelState()
@@ -208,6 +209,13 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         stays eager). Each new batch size, scheduler or scale setting compiles again (seconds to minutes);
         mode None goes back to eager."""
         self._compiled_unet = None if mode is None else torch.compile(self.unet, mode=mode, **kwargs)
+
+    def compile_decoder(self, mode: str | None = "default", **kwargs) -> None:
+        """Opt-in: VAE-decode through `torch.compile(vae.decode, mode=mode, **kwargs)`. `decode` pads a
+        shorter chunk to its chunk size with copies of its last latent (rows never mix: per-row group
+        norm and attention), so one compiled shape serves every call; mode None goes back to eager.
+        Not used with `kernels.vae_upcast` (that decodes a float32 copy of the VAE)."""
+        self._compiled_decode = None if mode is None else torch.compile(self.vae.decode, mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ actor
     @property
@@ -449,16 +457,23 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         """VAE-decode (B, 4, h, w) latents in chunks of `batch` frames -> (B, H, W, 3) float32 in [0, 1],
         or with `uint8` the (B, H, W, 3) uint8 images round(255 x) of those floats, computed where
         the latents are (a quarter of the bytes to copy back and no per-pixel work on the host;
-        the same fp32 multiply and round-half-to-even as numpy, so the same bits)."""
+        the same fp32 multiply and round-half-to-even as numpy, so the same bits). The chunks stay
+        where they were decoded until one copy back at the end: a copy per chunk would make the GPU
+        wait for the host between chunks."""
         out = []
         with kernels.decoding(self, batch) as (vae, batch):
+            compiled = self._compiled_decode if vae is self.vae else None
             for i in range(0, latents.shape[0], batch):
                 z = latents[i:i + batch].to(vae.dtype) / vae.config.scaling_factor
-                img = (vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1).float()
+                rows = z.shape[0]
+                if compiled is not None and rows < batch:  # the compiled shape: pad, then drop the copies
+                    z = torch.cat([z, z[-1:].expand(batch - rows, *z.shape[1:])])
+                img = (compiled or vae.decode)(z, return_dict=False)[0][:rows]
+                img = (img / 2 + 0.5).clamp(0, 1).float()
                 if uint8:
                     img = (img * 255).round().to(torch.uint8)
-                out.append(img.permute(0, 2, 3, 1).cpu().numpy())
-        return np.concatenate(out)
+                out.append(img.permute(0, 2, 3, 1))
+        return torch.cat(out).contiguous().cpu().numpy()
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -198,6 +198,34 @@ def test_decode_switches_equal_default(kpipe):
     assert torch.backends.cudnn.benchmark is False  # put back after the decode
 
 
+def test_compiled_decoder_sees_one_shape_and_gives_the_same_images(kpipe):
+    """compile_decoder: 5 latents in chunks of 2 reach the compiled decode as 2, 2 and 2 rows (the last
+    chunk padded with its last latent, the copy dropped) and give the eager images (dynamo's "eager"
+    backend: the graph dynamo traces, run by PyTorch itself; KERNEL_ATOL as other chunkings)."""
+    s = kpipe.unet.config.sample_size
+    lat = torch.randn(5, 4, s, s, generator=torch.Generator().manual_seed(2))
+    want = kpipe.decode(lat, batch=2, uint8=True)
+    shapes = []
+
+    def backend(gm, example_inputs):
+        shapes.extend(tuple(t.shape) for t in example_inputs  # the latents among the graph's inputs
+                      if isinstance(t, torch.Tensor) and t.ndim == 4 and tuple(t.shape[1:]) == (4, s, s))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        kpipe.compile_decoder(backend=backend, dynamic=False)
+        got_float = kpipe.decode(lat, batch=2)
+        got = kpipe.decode(lat, batch=2, uint8=True)
+    finally:
+        kpipe.compile_decoder(None)
+        torch._dynamo.reset()
+    assert shapes and set(shapes) == {(2, 4, s, s)}  # compiled once, for the one chunk shape
+    assert got.shape == want.shape == (5, 8 * s, 8 * s, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1  # a pixel at a rounding edge may move by one level
+    np.testing.assert_allclose(got_float, kpipe.decode(lat, batch=2), atol=KERNEL_ATOL, rtol=0)
+
+
 def test_vae_upcast_decodes_in_float32(pipe):
     """vae_upcast on a half-precision VAE decodes with a float32 copy of it: what that VAE computes in fp32
     (the half weights, exactly representable in fp32), unlike its bf16 decode; the half VAE is left as it was."""
