@@ -61,7 +61,7 @@ def worker(args) -> dict:
     import torch
 
     from bench.pipeline import build, sync
-    from retarget.compiling import TORCH_MODE, CompileCache, CompiledBatches, shape_key
+    from retarget.compiling import TORCH_MODE, CompileCache, CompiledBatches, decode_rows, decoder_key, shape_key
     from retarget.run import _render_with_backoff
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -98,14 +98,20 @@ def worker(args) -> dict:
         row: dict = {}
         full = list(range(b))
         pipe.compile_unet(None)
+        pipe.compile_decoder(None)
         if args.phase == "cold":
             frames(full, short)  # eager warm-up (LoRA folding, cuDNN plans)
             row["eager_ms_per_frame"] = 1e3 * float(np.median([timed(lambda: frames(full, call))
                                                                for _ in range(args.repeat)])) / b
         key = shape_key(torch_version=torch.__version__, gpu=gpu, dtype=str(dtype), batch=b, call=call,
                         image_size=pipe.image_size, mode=TORCH_MODE if device.type == "cuda" else "default")
+        also = ()
+        if args.decoder:  # the VAE decoder compiled with it, as a job with --compile on
+            also = (decoder_key(torch_version=torch.__version__, gpu=gpu, dtype=str(dtype), chunk=decode_rows(b),
+                                image_size=pipe.image_size),)
         compiled = CompiledBatches(pipe, b, key, cache, log=lambda m: print(f"  [{args.phase}] {m}", flush=True),
-                                   mode=TORCH_MODE if device.type == "cuda" else "default", backend=args.backend)
+                                   mode=TORCH_MODE if device.type == "cuda" else "default", backend=args.backend,
+                                   decoder=args.decoder, also=also)
         torch._dynamo.reset()
         compiled.enable()
         first = timed(lambda: frames(full, short, compiled))
@@ -123,7 +129,7 @@ def worker(args) -> dict:
             before = counters["stats"]["unique_graphs"]
             got_short = frames(list(range(b, b + n_short)), check, compiled, output_type="float")
             new_graphs = counters["stats"]["unique_graphs"] - before
-            pipe.compile_unet(None)
+            compiled.disable()
             ref_full = frames(full, check, output_type="float")
             ref_short = frames(list(range(b, b + n_short)), check, output_type="float")
 
@@ -139,6 +145,7 @@ def worker(args) -> dict:
         print(f"  [{args.phase}] {mode}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in row.items() if k != "padded_clip"), flush=True)
     pipe.compile_unet(None)
+    pipe.compile_decoder(None)
     out["artifacts_mb"] = sum(p.stat().st_size for p in cache.artifacts.glob("*.bin")) / 2**20
     out["inductor_cache_mb"] = sum(p.stat().st_size for p in cache.inductor.rglob("*") if p.is_file()) / 2**20
     return out
@@ -152,7 +159,8 @@ def run_phase(phase: str, cache: Path, args, part: Path, timeout: float) -> dict
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", phase, "--cache", str(cache),
            "--part", str(part), "--batch", str(args.batch), "--steps", str(args.steps), "--repeat", str(args.repeat),
-           "--modes", args.modes, "--backend", args.backend] + (["--tiny"] if args.tiny else [])
+           "--modes", args.modes, "--backend", args.backend] + (["--tiny"] if args.tiny else []) \
+        + (["--decoder"] if args.decoder else [])
     t = time.perf_counter()
     if timeout <= 0:
         return {"phase": phase, "skipped": "no time left in the budget"}
@@ -179,6 +187,7 @@ def main(argv=None) -> int:
                     help="seconds for the whole run: phases are stopped at it, the portable one skipped when "
                          "less than 80 s are left (default 460: a 10-minute GPU lease with room; tiny: 900)")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/results)")
+    ap.add_argument("--decoder", action="store_true", help="compile the VAE decoder too (as --compile on does)")
     ap.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tiny": args.tiny,
         "batch": args.batch, "quality_steps": args.steps, "repeat": args.repeat,
         "compile_mode": "reduce-overhead" if not args.tiny else "default (CPU: no CUDA graphs)",
-        "backend": args.backend,
+        "backend": args.backend, "decoder_compiled": args.decoder,
         "notes": "random weights in the real architectures (bench/pipeline.py build); ms/frame include VAE decode "
                  "and uint8 output; compile_s = first compiled call minus a steady one (2 steps, same padded "
                  "shape); cold: empty cache folder; warm: same folder, new process; portable: new folder with "
@@ -241,7 +250,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "cpu"
-    path = out_dir / f"compile_{'tiny_' if args.tiny else ''}{tag}_{dt.date.today().isoformat()}.json"
+    path = out_dir / (f"compile_{'tiny_' if args.tiny else ''}{tag}_{dt.date.today().isoformat()}"
+                      f"{'_decoder' if args.decoder else ''}.json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)

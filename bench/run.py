@@ -187,9 +187,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def pipeline_rate(pipe, actor, params: np.ndarray, batch_sizes: list[int], call: dict) -> dict:
+def pipeline_rate(pipe, actor, params: np.ndarray, batch_sizes: list[int], call: dict, compiled=None) -> dict:
     """The loaded pipeline called directly on `params` in batches of `batch_sizes`: frames/s, and the
-    seconds of each call (`call_s`; a call returns host arrays, so each is synchronised)."""
+    seconds of each call (`call_s`; a call returns host arrays, so each is synchronised). compiled: the
+    job's CompiledBatches (retarget.compiling), whose padded batches the calls then go through."""
     n, s = 0, 0
     calls = []
     sync()
@@ -199,7 +200,10 @@ def pipeline_rate(pipe, actor, params: np.ndarray, batch_sizes: list[int], call:
             break
         idx = list(range(s, min(len(params), s + b)))
         t = time.perf_counter()
-        pipe(actor, params[idx], frame_indices=idx, **call)
+        if compiled is not None:
+            compiled.render(lambda sub: pipe(actor, params[sub], frame_indices=sub, **call), idx)
+        else:
+            pipe(actor, params[idx], frame_indices=idx, **call)
         calls.append(time.perf_counter() - t)
         n += len(idx)
         s += b
@@ -212,9 +216,19 @@ def pipeline_rate(pipe, actor, params: np.ndarray, batch_sizes: list[int], call:
 def overlap_stats(into: dict):
     """A context in which retarget.overlap.render_and_write's stats (each render call's seconds,
     the renderer's waits for the saver) are also copied into `into`."""
+    from render import video
     from retarget import overlap
 
     real = overlap.render_and_write
+    real_write = video.VideoWriter.write
+    into["encode_s"] = 0.0
+
+    def timed_write(self, *a, **kw):  # the encoder's share of the writer's `write_s` (the rest: paste-back waits)
+        t = time.perf_counter()
+        try:
+            return real_write(self, *a, **kw)
+        finally:
+            into["encode_s"] += time.perf_counter() - t
 
     def seen(*a, **kw):
         stats = kw.get("stats")
@@ -225,10 +239,12 @@ def overlap_stats(into: dict):
             into.update(stats)
 
     overlap.render_and_write = seen
+    video.VideoWriter.write = timed_write
     try:
         yield
     finally:
         overlap.render_and_write = real
+        video.VideoWriter.write = real_write
 
 
 class CallLog:
@@ -262,10 +278,13 @@ class CallLog:
 # -- one mode -------------------------------------------------------------------------------------
 
 def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
-             reference: dict | None = None, paste_back: bool = True) -> dict:
+             reference: dict | None = None, paste_back: bool = True, compile: str = "auto",
+             preset: str = "medium") -> dict:
     """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
     reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches);
-    paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads)."""
+    paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads);
+    compile: RunOptions.compile (the pipeline rate is then measured through the job's compiled batches);
+    preset: the output's libx264 preset (render.video.X264_PRESET for this job)."""
     import torch
 
     import retarget.run as rr
@@ -275,6 +294,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     fast = mode == "fast"
     steps = args.steps or (2 if args.tiny else None)
     opts = RunOptions(fast=fast, batch=args.batch, device=device, paste_back=paste_back, end=frames / FPS, keep_work=True,
+                      compile=compile,
                       **({"steps": steps} if steps else {}))
     call = render_call(opts)
     has_stages = "stages" in {f.name for f in dataclasses.fields(RunSummary)}
@@ -306,6 +326,9 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
             made.append(self)
 
     rr.RenderAhead = SeenAhead
+    from render import video
+
+    kept_preset, video.X264_PRESET = video.X264_PRESET, preset
     try:
         with StageClock.tracking(stats), overlap_stats(ostats):
             t0 = time.perf_counter()
@@ -316,7 +339,9 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     finally:
         rr.RENDER_AHEAD = kept_setting
         rr.RenderAhead = real_ahead
-    row = {"mode": mode, "ahead": ahead, "paste_back": paste_back, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
+        video.X264_PRESET = kept_preset
+    row = {"mode": mode, "ahead": ahead, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
+           "output_mb": out.stat().st_size / 2**20 if out.is_file() else None, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
     # When things happened, in seconds from the job's start: the tracker's own events (its start,
@@ -354,7 +379,9 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     sizes = clock.batch_sizes or [batch] * -(-summary.frames // batch)
     row["batch"] = batch
     todo = summary.params[: args.pipeline_frames or None]
-    row["pipeline"] = reference["pipeline"] if reference else pipeline_rate(pipe, r.actor, todo, sizes, r.call)
+    row["compile"] = summary.compile
+    row["pipeline"] = reference["pipeline"] if reference else pipeline_rate(pipe, r.actor, todo, sizes, r.call,
+                                                                            getattr(r, "compiled", None))
     row["pipeline_fps"] = row["pipeline"]["fps"]
     # Same batches alone and in the job (after tracking): a slower median call in the job is contention
     # (cores, GIL, memory); equal medians put the loss between the calls or before the first.
@@ -363,6 +390,8 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
                            "job_n": len(job_calls), "render_waits": ostats.get("render_waits"),
                            "alone_median_s": float(np.median(row["pipeline"]["call_s"])) if row["pipeline"].get("call_s") else None,
                            "job_s": [round(c, 4) for c in job_calls]}
+    row["threads_s"] = {k: round(float(ostats[k]), 3) for k in ("save_s", "offer_wait_s", "take_wait_s", "load_s", "write_s",
+                                                                 "encode_s") if k in ostats}
     row["ratio"] = row["job_fps"] / row["pipeline_fps"]
     if isinstance(row["stages"].get("render"), float) and row["stages"]["render"] > 0:
         row["render_stage_fps"] = summary.frames / row["stages"]["render"]
@@ -486,6 +515,16 @@ def main(argv=None) -> int:
     ap.add_argument("--paste-back", default="on",
                     help="paste the faces back into the 1080p photo (on), or write the 512 px crops (off); on,off "
                          "compares in one run: without paste-back the writer's CPU work is a fraction")
+    ap.add_argument("--compile", default="auto", metavar="SETTING,...",
+                    help="--compile of each job: auto, on, off, or a list (on,on: the second job finds the "
+                         "compiled code warm); default auto, as the CLI")
+    ap.add_argument("--x264-preset", default="medium", metavar="PRESET,...",
+                    help="libx264 preset of the output (render.video.X264_PRESET; default medium, as the CLI); a list "
+                         "compares (e.g. medium,veryfast)")
+    ap.add_argument("--warm-tracker", action=argparse.BooleanOptionalAction, default=True,
+                    help="track 64 frames before the jobs (GPU), as the pipeline is warmed by a call: the SMIRK "
+                         "encoder's first calls in a process cost seconds (cuDNN plans); --no-warm-tracker "
+                         "leaves that in the first job")
     ap.add_argument("--kernels", default="default", metavar="VARIANT,...",
                     help="kernel switches per job (retarget/kernels.py): default, or a KernelOptions flag to turn on "
                          "for the job and its pipeline pass, e.g. default,cuda_graph (default: default)")
@@ -504,6 +543,10 @@ def main(argv=None) -> int:
     aheads = [{"on": True, "off": False}.get(a) for a in args.ahead.split(",") if a]
     if None in aheads or not aheads:
         ap.error("--ahead: a comma-separated list of on, off")
+    presets = [p for p in args.x264_preset.split(",") if p]
+    compiles = [c for c in args.compile.split(",") if c]
+    if not compiles or set(compiles) - {"auto", "on", "off"}:
+        ap.error("--compile: a comma-separated list of auto, on, off")
     pastes = [{"on": True, "off": False}.get(a) for a in args.paste_back.split(",") if a]
     if None in pastes or not pastes:
         ap.error("--paste-back: a comma-separated list of on, off")
@@ -566,6 +609,9 @@ def main(argv=None) -> int:
         pipe = RetargetPipeline.from_weights(layout, device=dev, dtype=dtype, lcm="fast" in modes)
         sync()
         info["load_s"] = time.perf_counter() - t0
+        if args.warm_tracker and not args.tiny and not args.track_probe:
+            info["tracker_warmup"] = track_probe(inputs[0], layout, device, "auto", 64)
+            print(f"tracker warm-up: {info['tracker_warmup']['seconds']:.2f}s for 64 frames", flush=True)
         for item in [w for w in args.track_probe.split(",") if w]:
             info.setdefault("track_probe", []).append(track_probe(inputs[0], layout, device, item, max(frames.values())))
             p = info["track_probe"][-1]
@@ -574,24 +620,26 @@ def main(argv=None) -> int:
                   flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(variants)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
                 continue
             for variant in variants:
-                first = None
+                first: dict = {}  # per --compile setting: its first row, whose pipeline rate the others reuse
                 pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
                 try:
-                    for ahead, paste in [(a, p) for a in aheads for p in pastes]:
+                    for comp, ahead, paste, preset in [(c, a, p, x) for c in compiles for a in aheads for p in pastes
+                                                       for x in presets]:
                         row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
-                                       reference=first, paste_back=paste)
+                                       reference=first.get(comp), paste_back=paste, compile=comp, preset=preset)
                         row["kernels"] = variant
-                        first = first or row
+                        first.setdefault(comp, row)
                         # As a cold `retarget run` would be: the models' load inside the job.
                         row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
                         info["rows"].append(row)
-                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, paste-back {'on' if paste else 'off'}): "
+                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, paste-back {'on' if paste else 'off'}, "
+                              f"compile {comp}: {row['compile'] or '-'}, x264 {preset}): "
                               f"job {row['job_fps']:.2f} "
                               f"frames/s, pipeline {row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
                               + (f"; {row['ahead_log'][0]}" if row["ahead_log"] else ""), flush=True)
@@ -600,6 +648,7 @@ def main(argv=None) -> int:
                             print(f"  render call median: job {rc['job_median_s']:.3f}s ({rc['job_n']} calls after "
                                   f"tracking), alone {rc['alone_median_s']:.3f}s; renderer waited for the saver "
                                   f"{rc['render_waits']} times", flush=True)
+                        print("  threads (s): " + ", ".join(f"{k} {v:.2f}" for k, v in row["threads_s"].items()), flush=True)
                 finally:
                     pipe.kernels = KernelOptions()
         if args.oom_check and not args.tiny and args.deadline - (time.perf_counter() - start) < 40:
@@ -616,15 +665,17 @@ def main(argv=None) -> int:
     print(f"\n{info['device']}, {info['host_cpus']} CPUs, faces: {faces_note}"
           + (f", memory cap {args.memory_gb:g} GiB" if cap else ""))
     print(f"load {info['load_s']:.1f}s (not in the jobs), weights written in {info['weights_write_s']:.1f}s")
-    head = f"{'mode':20s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
+    head = f"{'mode':26s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
     print(head)
     for r in info["rows"]:
         stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
         name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}{'' if r.get('paste_back', True) else ' crops'}"
+                f"{'' if r.get('compile_setting', 'auto') == 'auto' else ' compile ' + r['compile_setting']}"
+                f"{'' if r.get('x264_preset', 'medium') == 'medium' else ' ' + r['x264_preset']}"
                 f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")
-        print(f"{name:20s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
+        print(f"{name:26s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")
     for s in info["skipped"]:
         print(f"skipped {s}")

@@ -26,6 +26,7 @@ DEFAULT_IMAGE_FPS = 25.0
 
 # Audio codecs an mp4/mov file can hold as they are (copy without re-encoding).
 _MP4_AUDIO_CODECS = {"aac", "mp3", "alac"}
+X264_PRESET = "medium"  # libx264 preset of VideoWriter (bench/run.py --x264-preset compares others)
 _OUTPUT_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 
@@ -349,7 +350,8 @@ class VideoWriter:
     (usually the driving video), trimmed to [audio_start, audio_end] seconds of that file
     (audio_end None: to its end) and shifted so `audio_start` plays at time 0 of the output.
     The stream is copied when its codec fits the container and no trimming is needed, else
-    re-encoded to AAC. A file without audio gives a silent output. `crf`: x264 quality.
+    re-encoded to AAC. A file without audio gives a silent output. `crf`: x264 quality; `preset`:
+    x264's speed/size trade-off (default X264_PRESET).
 
     Frames are HxWx3 uint8 RGB of one size; odd widths/heights are padded by one replicated
     pixel row/column to even sizes (yuv420p needs them). Output goes to a temporary file in
@@ -359,7 +361,8 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, *, audio_from: str | os.PathLike | None = None,
-                 audio_start: float = 0.0, audio_end: float | None = None, crf: int = 18):
+                 audio_start: float = 0.0, audio_end: float | None = None, crf: int = 18,
+                 preset: str | None = None):
         self.path = Path(path)
         fmt = _OUTPUT_FORMATS.get(self.path.suffix.lower())
         if fmt is None:
@@ -372,6 +375,7 @@ class VideoWriter:
             raise RetargetError(f"audio range [{audio_start}, {audio_end}] of {audio_from} is empty")
         self.fps = float(fps)
         self.crf = int(crf)
+        self.preset = preset or X264_PRESET
         self._format = fmt
         self._tmp = partial_name(self.path)
         self._container = None
@@ -423,7 +427,7 @@ class VideoWriter:
         # A fine clock so frames with real (variable-rate) times keep them.
         stream.codec_context.time_base = Fraction(1, 90000)
         if codec == "libx264":
-            stream.options = {"crf": str(self.crf), "preset": "medium"}
+            stream.options = {"crf": str(self.crf), "preset": self.preset}
         self._vstream = stream
         src, start, end = self._audio_args
         if src is not None:

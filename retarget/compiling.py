@@ -1,16 +1,20 @@
-"""Compile where it pays: whether a job runs the UNet through `torch.compile`, the persistent compile
-cache, and the padded last batch that lets one compiled shape serve a whole video.
+"""Compile where it pays: whether a job runs the UNet and the VAE decoder through `torch.compile`, the
+persistent compile cache, and the padded last batch that lets one compiled shape serve a whole video.
 
-- `choose(...)`: the `--compile auto|on|off` decision (a pure function): auto compiles when the job's
-  estimated saving, frames x (eager - compiled) seconds a frame from `SPEED`, exceeds the compile cost
-  (`COMPILE_S`, cold or warm as the cache holds this shape or not). Never on the CPU.
+- `choose(...)`: the `--compile auto|on|off` decision for the UNet (a pure function): auto compiles when
+  the job's estimated saving, frames x (eager - compiled) seconds a frame from `SPEED`, exceeds the
+  compile cost (`COMPILE_S`, cold or warm as the cache holds this shape or not). Never on the CPU.
+  `choose_decoder(...)`: the same for the VAE decoder (`DECODER`, `DECODER_COMPILE_S`): it costs a
+  fifth of the UNet's compile and saves about half of the decode, so it pays for far shorter jobs;
+  `on` and `off` set both.
 - `CompileCache`: the folder (`cache_folder()`: $RETARGET_COMPILE_CACHE, else
   platformdirs.user_cache_dir("retarget")/compile) holding inductor's FX graph and autotune caches
   (`inductor/`), torch's portable cache artifacts per shape (`artifacts/<key>.bin`, copy them to another
   machine's folder to start warm there) and `index.json` (shapes compiled here, with compile seconds).
   A corrupt file never breaks a run: it is dropped with a warning and the UNet compiles fresh.
-- `CompiledBatches`: renders each batch of frame indices padded to the job's batch size (`pad_indices`),
-  so the last, shorter batch of a video reuses the compiled shape; the extra rows are dropped.
+- `CompiledBatches`: with the UNet compiled, renders each batch of frame indices padded to the job's
+  batch size (`pad_indices`), so the last, shorter batch of a video reuses the compiled shape; the extra
+  rows are dropped. The decoder pads its own last chunk (`RetargetPipeline.decode`).
 
 Padding is exact where it must be: with per-frame noise a frame's noise depends only on (seed, frame
 index), and the padding rows repeat the last real frame's index and parameters, so every real row draws
@@ -61,6 +65,14 @@ SPEED = {
 # in a new folder 14.3 s (earlier cold runs: 60.8 s, 62.4 s); 15 s taken. The measured time of this
 # machine's last compile of the shape (index.json) replaces it once known.
 COMPILE_S = {"cold": 85.0, "warm": 15.0}
+# The VAE decoder, seconds a frame eager vs compiled (inductor, mode "default", chunks of 16 frames):
+# H200, fp16, 512 px, bench/results/fast_mode_NVIDIA_H200_2026-12-04.json: 13.2 -> 6.4 ms (the same
+# absolute saving in both modes: the decode does not depend on the steps). Compile seconds: cold 19.0 s
+# measured there, 25 taken; warm: DECODER_COMPILE_S["warm"] (see bench/NOTES_run.md for its measurement).
+DECODER = {"eager": 0.0132, "compiled": 0.0064}
+DECODER_COMPILE_S = {"cold": 25.0, "warm": 8.0}
+DECODE_CHUNK = 16  # retarget.pipeline.DECODE_BATCH (not imported: that would load diffusers here)
+DECODER_MODE = "default"  # large kernels: CUDA graphs would add memory and little speed
 
 
 # --------------------------------------------------------------------------- the decision
@@ -132,11 +144,32 @@ def choose(setting: str, *, device: str, mode: str, frames: int, batch: int, ste
                                 f"~{max(saving, 0):.0f} s saved for ~{cost:.0f} s {cache} compile)", saving, cost)
 
 
-def previous_choice(manifest: Path) -> bool | None:
-    """The `compiled` choice recorded in a work folder's manifest (False when it has none: made eager),
-    None when there is no readable manifest."""
+def choose_decoder(setting: str, *, device: str, frames: int, warm: bool = False, warm_s: float | None = None,
+                   remote: bool = False, previous: bool | None = None) -> CompileChoice:
+    """Whether a job compiles the VAE decoder (pure; arguments as `choose`'s). The saving is frames x
+    (DECODER eager - compiled) whatever the mode; its note is the clause after "VAE decoder "."""
+    if setting not in SETTINGS or device != "cuda" or remote or setting != "auto":
+        on = setting == "on" and device == "cuda" and not remote
+        return CompileChoice(on, "")  # `choose` says it for both (or nothing, on the CPU)
+    if previous is not None:
+        return CompileChoice(bool(previous), f"{'compiled' if previous else 'eager'} (auto: as the resumed work folder)")
+    saving = frames * (DECODER["eager"] - DECODER["compiled"])
+    cost = (warm_s if warm_s is not None else DECODER_COMPILE_S["warm"]) if warm else DECODER_COMPILE_S["cold"]
+    cache = "cached" if warm else "cold"
+    if saving > cost:
+        return CompileChoice(True, f"compiled (auto: ~{saving:.0f} s saved for ~{cost:.0f} s {cache} compile)", saving, cost)
+    return CompileChoice(False, f"eager (auto: ~{max(saving, 0):.0f} s saved for ~{cost:.0f} s {cache} compile)",
+                         saving, cost)
+
+
+MANIFEST_KEYS = {"unet": "compiled", "decoder": "decoder_compiled"}  # the work folder's record of each part
+
+
+def previous_choice(manifest: Path, part: str = "unet") -> bool | None:
+    """The choice for `part` ("unet" or "decoder") recorded in a work folder's manifest (False when it
+    has none: made eagerly), None when there is no readable manifest."""
     try:
-        return bool(json.loads(Path(manifest).read_text()).get("compiled", False))
+        return bool(json.loads(Path(manifest).read_text()).get(MANIFEST_KEYS[part], False))
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -163,6 +196,21 @@ def shape_key(*, torch_version: str, gpu: str, dtype: str, batch: int, call: dic
                  reference=float(call.get("ref_strength", 0.0)) > 0, image=int(image_size), mode=mode)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{parts['scheduler']}-b{batch}-{parts['dtype']}-{gpu}").strip("-")
+    return f"{slug}-{digest}"
+
+
+def decode_rows(batch: int) -> int:
+    """Frames per compiled decoder call for a job of `batch` frames per batch: the pipeline's decode chunk
+    (16), or the batch when smaller (padding 8 rows to 16 would double the decode)."""
+    return max(1, min(int(batch), DECODE_CHUNK))
+
+
+def decoder_key(*, torch_version: str, gpu: str, dtype: str, chunk: int, image_size: int) -> str:
+    """`shape_key`'s counterpart for the compiled VAE decoder: its shape is the decode chunk and the image."""
+    parts = dict(torch=torch_version, gpu=gpu, dtype=str(dtype).replace("torch.", ""), chunk=int(chunk),
+                 image=int(image_size), mode=DECODER_MODE, part="decoder")
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"decoder-c{chunk}-{parts['dtype']}-{gpu}").strip("-")
     return f"{slug}-{digest}"
 
 
@@ -299,49 +347,66 @@ def pad_indices(idx: list[int], batch: int) -> list[int]:
 
 
 class CompiledBatches:
-    """Runs a job's batches through the pipeline's compiled UNet: each batch padded to `batch` rows (one
-    compiled shape for the whole video), the extra outputs dropped. The first call compiles; if it fails
-    (a corrupt inductor cache, a compiler bug) the inductor cache is cleared and it compiles fresh once,
-    and if that fails too the job goes on eagerly; a warning says so either way, and `note` changes.
+    """Runs a job's batches through the pipeline's compiled UNet and/or VAE decoder. With the UNet
+    (`unet`), each batch is padded to `batch` rows (one compiled shape for the whole video), the extra
+    outputs dropped; the decoder alone (`decoder` without `unet`) needs no padded batches (the decode pads
+    its last chunk). The first call compiles; if it fails (a corrupt inductor cache, a compiler bug) the
+    inductor cache is cleared and it compiles fresh once, and if that fails too the job goes on eagerly;
+    a warning says so either way, and `note` changes.
 
-    pipe: a RetargetPipeline; key: `shape_key(...)`; cache: CompileCache; backend / mode: torch.compile's
-    (tests use a cheap backend on the CPU)."""
+    pipe: a RetargetPipeline; key: `shape_key(...)` (the UNet's; the decoder's `decoder_key` when only the
+    decoder compiles); also: further keys compiled with it (the decoder's beside the UNet's), recorded in
+    the cache's index too; cache: CompileCache; backend / mode: torch.compile's (tests use a cheap
+    backend on the CPU)."""
 
     def __init__(self, pipe, batch: int, key: str, cache: CompileCache, *, log: Callable[[str], None] = print,
-                 note: str = "", backend: str | Callable = "inductor", mode: str | None = TORCH_MODE):
+                 note: str = "", backend: str | Callable = "inductor", mode: str | None = TORCH_MODE,
+                 unet: bool = True, decoder: bool = False, also: tuple[str, ...] = ()):
         self.pipe, self.batch, self.key, self.cache, self.log = pipe, int(batch), key, cache, log
         self.note, self.backend, self.mode = note, backend, mode
+        self.unet, self.decoder, self.also = bool(unet), bool(decoder), tuple(also)
         self.calls = 0
         self.failed = False
         self._first_s: float | None = None
         self._warm = cache.has(key)
 
     def enable(self) -> None:
-        """Set up the cache and wrap the UNet (lazy: torch compiles on the first call)."""
+        """Set up the cache and wrap the UNet and/or the decoder (lazy: torch compiles on the first call)."""
         self.cache.configure()
         loaded = self.cache.load_artifacts(self.key)
+        inductor = self.backend == "inductor"
         # torch.compile hands `mode` to inductor only; other backends take none ("default")
-        self.pipe.compile_unet(self.mode if self.backend == "inductor" else "default", backend=self.backend,
-                               dynamic=False)
+        if self.unet:
+            self.pipe.compile_unet(self.mode if inductor else "default", backend=self.backend, dynamic=False)
+        if self.decoder:
+            self.pipe.compile_decoder(DECODER_MODE if inductor else "default", rows=decode_rows(self.batch),
+                                      backend=self.backend, dynamic=False)
         state = "portable cache loaded" if loaded else ("cached" if self._warm else "cold cache")
-        self.log(f"compiling the UNet for batches of {self.batch} frames ({state}); the first batch waits for it")
+        what = " and ".join(([f"the UNet for batches of {self.batch} frames"] if self.unet else [])
+                            + (["the VAE decoder"] if self.decoder else []))
+        self.log(f"compiling {what} ({state}); the first batch waits for it")
 
     def disable(self) -> None:
-        self.pipe.compile_unet(None)
+        if self.unet:
+            self.pipe.compile_unet(None)
+        if self.decoder:
+            self.pipe.compile_decoder(None)
 
-    def render(self, render: Callable[[list[int]], list[np.ndarray]], idx: list[int]) -> list[np.ndarray]:
+    def render(self, render: Callable[[list[int]], list[np.ndarray]], idx: list[int], fit=None) -> list[np.ndarray]:
         """One image per index of `idx` (at most `batch` of them); render(indices) -> images renders a
-        list of indices (with frame_indices = the indices, so the padding rows draw the last frame's noise)."""
+        list of indices (with frame_indices = the indices, so the padding rows draw the last frame's noise).
+        fit: retarget.oom.FitSize for the decoder alone (unpadded batches may stay split after an
+        out-of-memory); the padded UNet shape is kept whole."""
         from render.errors import RetargetError
         from retarget.oom import is_oom, split_on_oom
 
         if self.failed:
-            return split_on_oom(render, list(idx))
-        padded = pad_indices(list(idx), self.batch)
+            return split_on_oom(render, list(idx), fit)
+        padded = pad_indices(list(idx), self.batch) if self.unet else list(idx)
         t0 = time.perf_counter()
         failure = None
         try:
-            images = split_on_oom(render, padded)
+            images = split_on_oom(render, padded, None if self.unet else fit)
         except RetargetError:
             raise
         except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type
@@ -382,39 +447,51 @@ class CompiledBatches:
             self._first_s = seconds
             if not self._warm:
                 self.cache.save_artifacts(self.key)
-            self.cache.record(self.key)
+            for key in (self.key, *self.also):
+                self.cache.record(key)
         elif self.calls == 2 and self._first_s is not None:
             # compile time = the first call's extra over a steady one (every call has the padded shape)
             self.cache.record(self.key, **{"warm_s" if self._warm else "cold_s": max(0.0, self._first_s - seconds)})
 
 
 def setup(r, setting: str, *, frames: int, batch: int, log: Callable[[str], None] = print,
-          previous: bool | None = None, cache: CompileCache | None = None) -> CompileChoice:
+          previous: bool | None = None, previous_decoder: bool | None = None,
+          cache: CompileCache | None = None) -> CompileChoice:
     """Decide for the job rendered by `r` (a retarget.run.Rendering) and set it up: `r.compiled` gets a
-    CompiledBatches (or None: eager, the pipeline's compiled UNet undone), `r.compile_note` the clause."""
+    CompiledBatches (or None: eager, the pipeline's compiled UNet and decoder undone), `r.compile_note`
+    the clause. previous / previous_decoder: a resumed work folder's choices (`previous_choice`).
+    Returns the UNet's choice; the decoder's is in `r.compiled.decoder` and the note."""
     call = r.call
     remote = r.render_batches is not None or r.pipe is None
-    key = None
-    warm, warm_s = False, None
+    key = dkey = None
+    warm, warm_s, dwarm, dwarm_s = False, None, False, None
     if r.device == "cuda" and not remote and setting != "off":  # the only case that can compile
         import torch
 
         cache = cache or CompileCache()
-
-        key = shape_key(torch_version=torch.__version__, gpu=torch.cuda.get_device_name(), dtype=str(r.dtype),
-                        batch=batch, call=call, image_size=r.pipe.image_size)
+        ident = dict(torch_version=torch.__version__, gpu=torch.cuda.get_device_name(), dtype=str(r.dtype))
+        key = shape_key(**ident, batch=batch, call=call, image_size=r.pipe.image_size)
+        dkey = decoder_key(**ident, chunk=decode_rows(batch), image_size=r.pipe.image_size)
         warm, warm_s = cache.has(key), cache.measured_s(key)
+        dwarm, dwarm_s = cache.has(dkey), cache.measured_s(dkey)
     choice = choose(setting, device=r.device, mode=job_mode(call), frames=frames, batch=batch,
                     steps=int(call.get("steps", 25)), cfg=float(call.get("guidance", 1.0)) > 1.0, warm=warm,
                     warm_s=warm_s, remote=remote, previous=previous)
-    r.compile_note = choice.note
-    if choice.on:
-        r.compiled = CompiledBatches(r.pipe, batch, key, cache, log=log, note=choice.note)
+    dec = choose_decoder(setting, device=r.device, frames=frames, warm=dwarm, warm_s=dwarm_s, remote=remote,
+                         previous=previous_decoder)
+    r.compile_note = choice.note + (f"; VAE decoder {dec.note}" if dec.note else "")
+    if choice.on or dec.on:
+        main, also = (key, (dkey,) if dec.on else ()) if choice.on else (dkey, ())
+        r.compiled = CompiledBatches(r.pipe, batch, main, cache, log=log, note=r.compile_note,
+                                     unet=choice.on, decoder=dec.on, also=also)
         r.compiled.enable()
     else:
         r.compiled = None
-        if not remote and getattr(r.pipe, "_compiled_unet", None) is not None:
-            r.pipe.compile_unet(None)  # a kept pipeline compiled by an earlier job
+    if not remote and r.pipe is not None:  # a kept pipeline compiled by an earlier job: undo what is not wanted
+        if not choice.on and getattr(r.pipe, "_compiled_unet", None) is not None:
+            r.pipe.compile_unet(None)
+        if not dec.on and getattr(r.pipe, "_compiled_decode", None) is not None:
+            r.pipe.compile_decoder(None)
     return choice
 
 

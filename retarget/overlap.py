@@ -188,7 +188,8 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     buffer_frames: reorder buffer capacity (default 4 x batch, at least 8).
     stats: filled with perf_counter times `render_start`, `render_end` (last frame rendered),
     `written_end`, and `gpu_busy` (s), `batch_s` (seconds of each render call, in order), `max_held`,
-    `bound`, `spilled`, `render_waits`.
+    `bound`, `spilled`, `render_waits`, and the threads' seconds: `save_s`, `offer_wait_s` (the saver),
+    `take_wait_s`, `load_s`, `write_s` (the writer; its `write` includes the sink's paste-back and encoding).
     """
     saved = set(saved)
     buffer_frames = buffer_frames or max(8, 4 * batch)
@@ -205,19 +206,34 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
             count["held"] += k
             stats["max_held"] = max(stats["max_held"], count["held"])
 
+    # Where each thread's time goes (seconds; benchmarks): the saver saving and waiting for room
+    # in the reorder buffer, the writer waiting for its next frame, reading frames back, writing.
+    clock = dict(save_s=0.0, offer_wait_s=0.0, take_wait_s=0.0, load_s=0.0, write_s=0.0)
+
     def saver() -> None:
         while (item := chan.get()) is not None:
             idx, images = item
+            t0 = time.perf_counter()
             for i, img in zip(idx, images):
                 save(i, img)
+            t1 = time.perf_counter()
             if buf is None or not buf.offer(idx, images):
                 hold(-len(idx))
+            clock["save_s"] += t1 - t0
+            clock["offer_wait_s"] += time.perf_counter() - t1
 
     def writer() -> None:
         with sink as write:
             for i in range(n):
+                t0 = time.perf_counter()
                 image = buf.take(i)
-                write(i, load(i) if image is None else image)
+                t1 = time.perf_counter()
+                frame = load(i) if image is None else image
+                t2 = time.perf_counter()
+                write(i, frame)
+                clock["take_wait_s"] += t1 - t0
+                clock["load_s"] += t2 - t1
+                clock["write_s"] += time.perf_counter() - t2
                 with crew.cond:
                     count["written"] += 1
                     if image is not None:
@@ -263,7 +279,7 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
             it.close()  # a generator renderer (Ray) cleans up now, not at garbage collection
         chan.close()
         crew.join()
-        stats.update(spilled=buf.spilled if buf else 0, render_waits=chan.waits)
+        stats.update(spilled=buf.spilled if buf else 0, render_waits=chan.waits, **clock)
     if main_error is not None:
         raise main_error
     if crew.error is not None:

@@ -92,6 +92,7 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         self.fuse_loras = True
         self._compiled_unet = None
         self._compiled_decode = None
+        self._compiled_decode_rows = DECODE_BATCH
         # Kernel switches (retarget/kernels.py), all off by default; bench/pipeline.py measures each.
         self.kernels = kernels.KernelOptions()
         self._kernel_state = kernels.KernelState()
@@ -210,12 +211,13 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         mode None goes back to eager."""
         self._compiled_unet = None if mode is None else torch.compile(self.unet, mode=mode, **kwargs)
 
-    def compile_decoder(self, mode: str | None = "default", **kwargs) -> None:
-        """Opt-in: VAE-decode through `torch.compile(vae.decode, mode=mode, **kwargs)`. `decode` pads a
-        shorter chunk to its chunk size with copies of its last latent (rows never mix: per-row group
-        norm and attention), so one compiled shape serves every call; mode None goes back to eager.
+    def compile_decoder(self, mode: str | None = "default", rows: int = DECODE_BATCH, **kwargs) -> None:
+        """Opt-in: VAE-decode through `torch.compile(vae.decode, mode=mode, **kwargs)` in chunks of `rows`
+        frames: `decode` pads a shorter chunk with copies of its last latent (rows never mix: per-row
+        group norm and attention), so one compiled shape serves every call; mode None goes back to eager.
         Not used with `kernels.vae_upcast` (that decodes a float32 copy of the VAE)."""
         self._compiled_decode = None if mode is None else torch.compile(self.vae.decode, mode=mode, **kwargs)
+        self._compiled_decode_rows = max(1, int(rows))
 
     # ------------------------------------------------------------------ actor
     @property
@@ -463,6 +465,8 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         out = []
         with kernels.decoding(self, batch) as (vae, batch):
             compiled = self._compiled_decode if vae is self.vae else None
+            if compiled is not None:
+                batch = self._compiled_decode_rows
             for i in range(0, latents.shape[0], batch):
                 z = latents[i:i + batch].to(vae.dtype) / vae.config.scaling_factor
                 rows = z.shape[0]

@@ -65,7 +65,7 @@ class RunOptions:
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "where to run the models"})
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(default="auto", metadata={"help": "model precision (auto: fp16 on GPU, fp32 on CPU)"})
     keep_work: bool = field(default=False, metadata={"help": "keep the work folder after a successful run"})
-    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "torch.compile the UNet (GPU; one compiled shape per job, the last batch padded): auto when the job's estimated saving exceeds the compile cost (retarget/compiling.py); an actor video renders eagerly"})
+    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "torch.compile the UNet and the VAE decoder (GPU; one compiled shape per job, the last batch padded): auto compiles each where the job's estimated saving exceeds its compile cost (retarget/compiling.py); an actor video renders eagerly"})
 
     def validate(self) -> None:
         """Rules across fields (per-field ones are in the metadata; `retarget.cliargs.check_options`)."""
@@ -335,7 +335,7 @@ class Rendering:
     # uint8 images), in any order, that renders elsewhere (retarget.scale: on Ray actors).
     render_batches: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]] | None = None
     batch_size: int = 0  # frames per batch the renderer chose for --batch 0 (0: auto_batch here)
-    compiled: object = None  # retarget.compiling.CompiledBatches when the UNet runs compiled (padded batches)
+    compiled: object = None  # retarget.compiling.CompiledBatches when the UNet (padded batches) and/or the decoder run compiled
     compile_note: str = ""  # the --compile decision for the summary line
     fit: FitSize = field(default_factory=FitSize)  # frames per call that fit after an out-of-memory
 
@@ -619,8 +619,10 @@ def job_batch(r: Rendering, opts: RunOptions, work: WorkFolder, frames: int, log
     batch = opts.batch or r.batch_size or auto_batch(r.device, r.pipe.image_size)
     from retarget import compiling
 
+    manifest = work.root / MANIFEST
     compiling.setup(r, opts.compile, frames=frames, batch=batch, log=log,
-                    previous=compiling.previous_choice(work.root / MANIFEST) if opts.resume else None)
+                    previous=compiling.previous_choice(manifest) if opts.resume else None,
+                    previous_decoder=compiling.previous_choice(manifest, "decoder") if opts.resume else None)
     return batch
 
 
@@ -644,7 +646,9 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
         "params": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16], "batch": batch,
         "device": r.device, "dtype": str(r.dtype), "ref_latent": opts.ref_latent,
         **{k: v for k, v in r.call.items()},
-        **({"compiled": True} if r.compiled is not None else {}),  # compiled frames differ by rounding
+        # compiled frames differ by rounding: a resumed job follows these (compiling.previous_choice)
+        **({"compiled": True} if r.compiled is not None and r.compiled.unet else {}),
+        **({"decoder_compiled": True} if r.compiled is not None and r.compiled.decoder else {}),
     }
     work.start(manifest, opts.resume)
     early = 0
@@ -932,7 +936,7 @@ def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: 
         return pipe(actor, params[sub], frame_indices=sub, **call)
 
     if compiled is not None:  # padded to the compiled shape (retarget.compiling.CompiledBatches)
-        return compiled.render(render, idx)
+        return compiled.render(render, idx, fit)
     return split_on_oom(render, idx, fit)
 
 

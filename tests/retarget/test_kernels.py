@@ -199,8 +199,9 @@ def test_decode_switches_equal_default(kpipe):
 
 
 def test_compiled_decoder_sees_one_shape_and_gives_the_same_images(kpipe):
-    """compile_decoder: 5 latents in chunks of 2 reach the compiled decode as 2, 2 and 2 rows (the last
-    chunk padded with its last latent, the copy dropped) and give the eager images (dynamo's "eager"
+    """compile_decoder(rows=2): 5 latents reach the compiled decode as 2, 2 and 2 rows whatever the
+    decode's own chunk size (the last chunk padded with its last latent, the copy dropped) and give the
+    eager images (dynamo's "eager"
     backend: the graph dynamo traces, run by PyTorch itself; KERNEL_ATOL as other chunkings)."""
     s = kpipe.unet.config.sample_size
     lat = torch.randn(5, 4, s, s, generator=torch.Generator().manual_seed(2))
@@ -214,9 +215,9 @@ def test_compiled_decoder_sees_one_shape_and_gives_the_same_images(kpipe):
 
     torch._dynamo.reset()
     try:
-        kpipe.compile_decoder(backend=backend, dynamic=False)
-        got_float = kpipe.decode(lat, batch=2)
-        got = kpipe.decode(lat, batch=2, uint8=True)
+        kpipe.compile_decoder(rows=2, backend=backend, dynamic=False)
+        got_float = kpipe.decode(lat)
+        got = kpipe.decode(lat, batch=4, uint8=True)
     finally:
         kpipe.compile_decoder(None)
         torch._dynamo.reset()
