@@ -342,6 +342,15 @@ def _even(n: int) -> int:
     return n + (n % 2)
 
 
+class Prepared:
+    """A frame from `VideoWriter.prepare`: the encoder's pixel format, and the RGB size it came from."""
+
+    __slots__ = ("frame", "size")
+
+    def __init__(self, frame, size: tuple[int, int]):
+        self.frame, self.size = frame, size
+
+
 class VideoWriter:
     """H.264 (yuv420p) video writer with optional audio from another file; a context manager.
 
@@ -433,24 +442,43 @@ class VideoWriter:
         if src is not None:
             self._audio = _AudioCarrier(src, self._container, self._format, start, end)
 
-    def write(self, rgb: np.ndarray, time_s: float | None = None) -> None:
-        """Append one HxWx3 uint8 RGB frame shown at `time_s` seconds of the output
-        (default: frames_written / fps). Times must increase."""
+    def prepare(self, rgb: np.ndarray) -> "Prepared":
+        """One HxWx3 uint8 RGB frame converted to what the encoder takes (yuv420p, padded to even
+        sizes), for `write`. Keeps no state: other threads may prepare the next frames while this
+        writer encodes (swscale releases the GIL), the same pixels as `write(rgb)` converts itself."""
+        import av
+
+        rgb = self._checked(rgb)
+        h, w = rgb.shape[:2]
+        if w % 2 or h % 2:
+            rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
+        return Prepared(frame, (w, h))
+
+    def _checked(self, rgb: np.ndarray) -> np.ndarray:
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise RetargetError(f"frames for {self.path} must be HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
+        return rgb
+
+    def write(self, rgb: "np.ndarray | Prepared", time_s: float | None = None) -> None:
+        """Append one HxWx3 uint8 RGB frame (or one from `prepare`) shown at `time_s` seconds of
+        the output (default: frames_written / fps). Times must increase."""
         import av
 
         if self._closed:
             raise RetargetError(f"writer for {self.path} is already closed")
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise RetargetError(f"frames for {self.path} must be HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
-        h, w = rgb.shape[:2]
+        prepared = rgb if isinstance(rgb, Prepared) else None
+        if prepared is None:
+            rgb = self._checked(rgb)
+        w, h = prepared.size if prepared is not None else (rgb.shape[1], rgb.shape[0])
         if self._size is None:
             self._size = (w, h)
             self._start(w, h)
         elif self._size != (w, h):
             raise RetargetError(f"frame {self._count} for {self.path} is {w}x{h}, the first was "
                                 f"{self._size[0]}x{self._size[1]}")
-        if w % 2 or h % 2:
+        if prepared is None and (w % 2 or h % 2):
             rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         t = self._count / self.fps if time_s is None else float(time_s)
         tb = self._vstream.codec_context.time_base
@@ -458,7 +486,10 @@ class VideoWriter:
         if pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if prepared is not None:
+            frame = prepared.frame
+        else:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         frame.pts = pts
         frame.time_base = tb
         try:

@@ -68,7 +68,9 @@ COMPILE_S = {"cold": 85.0, "warm": 15.0}
 # The VAE decoder, seconds a frame eager vs compiled (inductor, mode "default", chunks of 16 frames):
 # H200, fp16, 512 px, bench/results/fast_mode_NVIDIA_H200_2026-12-04.json: 13.2 -> 6.4 ms (the same
 # absolute saving in both modes: the decode does not depend on the steps). Compile seconds: cold 19.0 s
-# measured there, 25 taken; warm: DECODER_COMPILE_S["warm"] (see bench/NOTES_run.md for its measurement).
+# measured there, 25 taken. Warm not measured alone: with the UNet (bench/compile.py --decoder,
+# compile_NVIDIA_H200_2026-12-04_decoder.json) warm 14.7 s against 12.0 s for the UNet alone the day
+# before (portable 11.8 vs 9.8), so ~2-3 s; 8 taken until measured.
 DECODER = {"eager": 0.0132, "compiled": 0.0064}
 DECODER_COMPILE_S = {"cold": 25.0, "warm": 8.0}
 DECODE_CHUNK = 16  # retarget.pipeline.DECODE_BATCH (not imported: that would load diffusers here)

@@ -3,7 +3,8 @@ one thread saves batch k's PNGs into the work folder and another pastes back and
 finished frames in frame order.
 
     main thread    renders batches (any order)  --Channel(queue_batches)-->
-    saver thread   writes each frame's PNG (the work folder: --resume)  --ReorderBuffer(buffer_frames)-->
+    saver thread   writes each frame's PNG (the work folder: --resume; a batch's PNGs in SAVE_THREADS
+                   threads at once)  --ReorderBuffer(buffer_frames)-->
     writer thread  frames 0..T-1 in order: from the buffer, or read back from the work folder's PNG
                    (frames of an earlier run, frames that came too early for the buffer); `sink`
                    pastes back, encodes, writes the preview and --frames-dir
@@ -24,13 +25,21 @@ This module imports nothing from retarget: the job passes callables.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable
 
 import numpy as np
+
+
+# Threads that save one batch's PNGs at once: PNG encoding (cv2, GIL released) was the saver's whole
+# time and capped a compiled fast-mode job at ~40 frames/s on the H200 host with one thread
+# (bench/results/run_NVIDIA_H200_24GB_2026-12-04_writer.json: save_s ~25 ms a frame).
+SAVE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class Stopped(Exception):
@@ -210,12 +219,17 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     # in the reorder buffer, the writer waiting for its next frame, reading frames back, writing.
     clock = dict(save_s=0.0, offer_wait_s=0.0, take_wait_s=0.0, load_s=0.0, write_s=0.0)
 
+    savers = ThreadPoolExecutor(SAVE_THREADS, thread_name_prefix="retarget-save-png") if SAVE_THREADS > 1 else None
+
     def saver() -> None:
         while (item := chan.get()) is not None:
             idx, images = item
             t0 = time.perf_counter()
-            for i, img in zip(idx, images):
-                save(i, img)
+            if savers is None:
+                for i, img in zip(idx, images):
+                    save(i, img)
+            else:  # the whole batch is saved before it is offered (spilled frames are read back)
+                list(savers.map(save, idx, images))
             t1 = time.perf_counter()
             if buf is None or not buf.offer(idx, images):
                 hold(-len(idx))
@@ -279,6 +293,8 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
             it.close()  # a generator renderer (Ray) cleans up now, not at garbage collection
         chan.close()
         crew.join()
+        if savers is not None:
+            savers.shutdown(wait=True)
         stats.update(spilled=buf.spilled if buf else 0, render_waits=chan.waits, **clock)
     if main_error is not None:
         raise main_error

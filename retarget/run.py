@@ -704,25 +704,31 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
                 stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # on errors too: no thread left
             pending: deque = deque()  # (frame index, future of its pasted frame), in frame order
 
-            def emit(i: int, frame: np.ndarray) -> None:
-                writer.write(frame)
+            def emit(i: int, frame: np.ndarray, prepared=None) -> None:
+                writer.write(frame if prepared is None else prepared)
                 if frames_dir:
                     save_image(frames_dir / f"{i:06d}.png", frame)
                 if pwriter:
                     pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
 
+            def paste(face: np.ndarray):
+                # The encoder's colour conversion too, here: it was a third of the writer thread's time
+                # at 1080p, and swscale releases the GIL (bench/NOTES_run.md, 2026-12-04).
+                full = pipe_paste(r.actor_rgb, face, r.actor)
+                return full, writer.prepare(full)
+
             def write(i: int, face: np.ndarray) -> None:
                 if pool is None:
                     return emit(i, face)
-                pending.append((i, pool.submit(pipe_paste, r.actor_rgb, face, r.actor)))
+                pending.append((i, pool.submit(paste, face)))
                 if len(pending) > PASTE_AHEAD:
                     j, pasted = pending.popleft()
-                    emit(j, pasted.result())  # a paste-back error surfaces here, in frame order
+                    emit(j, *pasted.result())  # a paste-back error surfaces here, in frame order
 
             yield write
             while pending:  # the last frames (not reached when the job failed: the error skips this)
                 j, pasted = pending.popleft()
-                emit(j, pasted.result())
+                emit(j, *pasted.result())
 
     return sink()
 

@@ -369,3 +369,26 @@ def test_other_colour_tags_go_through_swscale(tmp_path):
         np.testing.assert_array_equal(frame_to_rgb(frame), frame.to_ndarray(format="rgb24"))
         bt601 = frame.reformat(format="rgb24", src_colorspace=5).to_ndarray()
     assert np.abs(frame_to_rgb(frame).astype(int) - bt601).max() > 8
+
+
+def test_prepared_frames_encode_exactly_as_rgb_frames(tmp_path):
+    """VideoWriter.prepare (the yuv420p conversion, made in another thread) gives the video that
+    writing the RGB frames gives, decoded pixel for pixel (odd sizes padded the same way); a prepared
+    frame of another size is refused as an RGB one is."""
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (47, 65, 3), dtype=np.uint8) for _ in range(6)]
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    with VideoWriter(a, 25.0) as w:
+        for f in frames:
+            w.write(f)
+    with VideoWriter(b, 25.0) as w:
+        prepared = [w.prepare(f) for f in frames]  # before the first write: no state needed
+        for p in prepared:
+            w.write(p)
+        with pytest.raises(RetargetError, match="the first was 65x47"):
+            w.write(w.prepare(frames[0][:40]))
+    got_a = [f.rgb for f in open_video(a).frames()]
+    got_b = [f.rgb for f in open_video(b).frames()]
+    assert len(got_a) == len(got_b) == 6
+    for x, y in zip(got_a, got_b):
+        np.testing.assert_array_equal(x, y)

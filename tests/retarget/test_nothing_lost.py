@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,18 +259,21 @@ def test_disk_full_mid_render_then_resume_gives_the_same_video(inputs, track_fil
         f = real_open(path, mode, *a, **kw)
         if Path(path).name.startswith(".0") and Path(path).suffix == ".png":
             state["frames"] += 1
-            if state["frames"] == 5:
+            if state["frames"] == 5:  # frame 4 or 5: a batch's two PNGs are saved at once
+                state["failed"] = int(re.search(r"\d{6}", Path(path).name).group())
                 return _FullDisk(f)
         return f
 
     monkeypatch.setattr(files, "open", filling_open, raising=False)
-    line = _refused(capsys, ["run", drive, actor, "-o", out, *common], "disk full while writing",
-                    "000004.png", "--resume")
+    line = _refused(capsys, ["run", drive, actor, "-o", out, *common], "disk full while writing", "--resume")
+    assert f"{state['failed']:06d}.png" in line and state["failed"] in (4, 5)
     assert not out.exists()
     work = tmp_path / ".out.mp4.work"
     assert (work / "manifest.json").is_file()
     kept = sorted(p.name for p in (work / "frames").iterdir())
-    assert kept == [f"{i:06d}.png" for i in range(4)], kept  # whole frames only, no partial file
+    # whole frames only, no partial file: 0-3, and the failed frame's batch-mate if it was saved
+    assert kept in ([f"{i:06d}.png" for i in range(4)],
+                    [f"{i:06d}.png" for i in (0, 1, 2, 3, 9 - state["failed"])]), kept
     assert "Traceback" not in line
 
     monkeypatch.setattr(files, "open", real_open, raising=False)

@@ -153,7 +153,9 @@ def test_disk_full_in_the_saver_stops_the_writer_and_keeps_the_frames_before():
     with pytest.raises(DiskFullError, match="000009.png"):
         render_and_write(_batches(n, b), n, save=store.save, load=store.load, sink=sink.open(), batch=b)
     assert sink.exit == "Stopped"
-    assert sorted(store.frames) == list(range(9))
+    # Every frame before the failed one is kept; frame 9's batch-mates may be saved too (a batch's
+    # PNGs are written in parallel), no later batch is.
+    assert set(range(9)) <= set(store.frames) <= set(range(12)) and 9 not in store.frames
     assert not _our_threads()
 
 
@@ -185,3 +187,25 @@ def test_background_result_error_and_cancel():
     gate.set()
     bg._thread.join(30)
     assert not bg.alive and bg._value is None
+
+
+def test_a_batchs_pngs_are_saved_in_parallel_before_the_batch_is_offered(monkeypatch):
+    """With SAVE_THREADS > 1 the saves of one batch overlap (a barrier of 2 saves only passes when two
+    run at once) and every frame is saved and written in order; with 1 thread they run one by one."""
+    from retarget import overlap
+
+    monkeypatch.setattr(overlap, "SAVE_THREADS", 2)
+    barrier = threading.Barrier(2, timeout=10)
+    store, sink = _Store(), _Sink()
+    threads = set()
+
+    def save(i, img):
+        threads.add(threading.current_thread().name)
+        if i < 2:
+            barrier.wait()  # frames 0 and 1 (one batch): a serial saver would wait here forever
+        store.save(i, img)
+
+    render_and_write(_batches(8, 2), 8, save=save, load=store.load, sink=sink.open(), batch=2)
+    assert sorted(store.frames) == list(range(8)) and [i for i, _ in sink.written] == list(range(8))
+    assert len(threads) == 2 and all(t.startswith("retarget-save-png") for t in threads)
+    assert not _our_threads()
