@@ -540,16 +540,18 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES) or not modes:
         ap.error("--modes: choose from fast, quality")
-    aheads = [{"on": True, "off": False}.get(a) for a in args.ahead.split(",") if a]
-    if None in aheads or not aheads:
-        ap.error("--ahead: a comma-separated list of on, off")
+    def on_off(option: str, value: str) -> list[bool]:
+        got = [{"on": True, "off": False}.get(a) for a in value.split(",") if a]
+        if None in got or not got:
+            ap.error(f"{option}: a comma-separated list of on, off")
+        return got
+
+    aheads = on_off("--ahead", args.ahead)
     presets = [p for p in args.x264_preset.split(",") if p]
     compiles = [c for c in args.compile.split(",") if c]
     if not compiles or set(compiles) - {"auto", "on", "off"}:
         ap.error("--compile: a comma-separated list of auto, on, off")
-    pastes = [{"on": True, "off": False}.get(a) for a in args.paste_back.split(",") if a]
-    if None in pastes or not pastes:
-        ap.error("--paste-back: a comma-separated list of on, off")
+    pastes = on_off("--paste-back", args.paste_back)
     from retarget.kernels import KernelOptions
 
     variants = [k for k in args.kernels.split(",") if k]

@@ -445,21 +445,17 @@ class VideoWriter:
     def prepare(self, rgb: np.ndarray) -> "Prepared":
         """One HxWx3 uint8 RGB frame converted to what the encoder takes (yuv420p, padded to even
         sizes), for `write`. Keeps no state: other threads may prepare the next frames while this
-        writer encodes (swscale releases the GIL), the same pixels as `write(rgb)` converts itself."""
+        writer encodes (swscale releases the GIL); `write(rgb)` converts through here too."""
         import av
 
-        rgb = self._checked(rgb)
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise RetargetError(f"frames for {self.path} must be HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
         h, w = rgb.shape[:2]
         if w % 2 or h % 2:
             rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
         return Prepared(frame, (w, h))
-
-    def _checked(self, rgb: np.ndarray) -> np.ndarray:
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise RetargetError(f"frames for {self.path} must be HxWx3 uint8 RGB, got {rgb.shape} {rgb.dtype}")
-        return rgb
 
     def write(self, rgb: "np.ndarray | Prepared", time_s: float | None = None) -> None:
         """Append one HxWx3 uint8 RGB frame (or one from `prepare`) shown at `time_s` seconds of
@@ -468,28 +464,21 @@ class VideoWriter:
 
         if self._closed:
             raise RetargetError(f"writer for {self.path} is already closed")
-        prepared = rgb if isinstance(rgb, Prepared) else None
-        if prepared is None:
-            rgb = self._checked(rgb)
-        w, h = prepared.size if prepared is not None else (rgb.shape[1], rgb.shape[0])
+        prepared = rgb if isinstance(rgb, Prepared) else self.prepare(rgb)
+        w, h = prepared.size
         if self._size is None:
             self._size = (w, h)
             self._start(w, h)
         elif self._size != (w, h):
             raise RetargetError(f"frame {self._count} for {self.path} is {w}x{h}, the first was "
                                 f"{self._size[0]}x{self._size[1]}")
-        if prepared is None and (w % 2 or h % 2):
-            rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         t = self._count / self.fps if time_s is None else float(time_s)
         tb = self._vstream.codec_context.time_base
         pts = int(round(t / tb))
         if pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
-        if prepared is not None:
-            frame = prepared.frame
-        else:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame = prepared.frame
         frame.pts = pts
         frame.time_base = tb
         try:

@@ -134,7 +134,7 @@ def choose(setting: str, *, device: str, mode: str, frames: int, batch: int, ste
     eager, compiled = seconds_per_frame(mode, batch, steps, cfg)
     padded = math.ceil(frames / max(1, batch)) * max(1, batch)
     saving = frames * eager - padded * compiled
-    cost = (warm_s if warm_s is not None else COMPILE_S["warm"]) if warm else COMPILE_S["cold"]
+    cost = compile_cost(COMPILE_S, warm, warm_s)
     cache = "cached" if warm else "cold"
     if frames <= 2:
         return CompileChoice(False, f"eager (auto: compile cannot pay for {frames} frame{'s' * (frames != 1)})",
@@ -146,17 +146,23 @@ def choose(setting: str, *, device: str, mode: str, frames: int, batch: int, ste
                                 f"~{max(saving, 0):.0f} s saved for ~{cost:.0f} s {cache} compile)", saving, cost)
 
 
+def compile_cost(table: dict, warm: bool, warm_s: float | None) -> float:
+    """Seconds a compile is counted at: `table`'s "cold", or when warm this machine's measured `warm_s`,
+    else `table`'s "warm" (COMPILE_S, DECODER_COMPILE_S)."""
+    return (warm_s if warm_s is not None else table["warm"]) if warm else table["cold"]
+
+
 def choose_decoder(setting: str, *, device: str, frames: int, warm: bool = False, warm_s: float | None = None,
                    remote: bool = False, previous: bool | None = None) -> CompileChoice:
     """Whether a job compiles the VAE decoder (pure; arguments as `choose`'s). The saving is frames x
     (DECODER eager - compiled) whatever the mode; its note is the clause after "VAE decoder "."""
-    if setting not in SETTINGS or device != "cuda" or remote or setting != "auto":
+    if setting != "auto" or device != "cuda" or remote:
         on = setting == "on" and device == "cuda" and not remote
         return CompileChoice(on, "")  # `choose` says it for both (or nothing, on the CPU)
     if previous is not None:
         return CompileChoice(bool(previous), f"{'compiled' if previous else 'eager'} (auto: as the resumed work folder)")
     saving = frames * (DECODER["eager"] - DECODER["compiled"])
-    cost = (warm_s if warm_s is not None else DECODER_COMPILE_S["warm"]) if warm else DECODER_COMPILE_S["cold"]
+    cost = compile_cost(DECODER_COMPILE_S, warm, warm_s)
     cache = "cached" if warm else "cold"
     if saving > cost:
         return CompileChoice(True, f"compiled (auto: ~{saving:.0f} s saved for ~{cost:.0f} s {cache} compile)", saving, cost)
@@ -196,9 +202,13 @@ def shape_key(*, torch_version: str, gpu: str, dtype: str, batch: int, call: dic
     parts = dict(torch=torch_version, gpu=gpu, dtype=str(dtype).replace("torch.", ""), batch=int(batch),
                  rows=int(batch) * (2 if cfg else 1), scheduler=call.get("scheduler", "dpm++"),
                  reference=float(call.get("ref_strength", 0.0)) > 0, image=int(image_size), mode=mode)
+    return _key(parts, f"{parts['scheduler']}-b{batch}-{parts['dtype']}-{gpu}")
+
+
+def _key(parts: dict, readable: str) -> str:
+    """`readable` made file-name-safe, then a digest of everything in `parts`."""
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{parts['scheduler']}-b{batch}-{parts['dtype']}-{gpu}").strip("-")
-    return f"{slug}-{digest}"
+    return f"{re.sub(r'[^A-Za-z0-9]+', '-', readable).strip('-')}-{digest}"
 
 
 def decode_rows(batch: int) -> int:
@@ -211,9 +221,7 @@ def decoder_key(*, torch_version: str, gpu: str, dtype: str, chunk: int, image_s
     """`shape_key`'s counterpart for the compiled VAE decoder: its shape is the decode chunk and the image."""
     parts = dict(torch=torch_version, gpu=gpu, dtype=str(dtype).replace("torch.", ""), chunk=int(chunk),
                  image=int(image_size), mode=DECODER_MODE, part="decoder")
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"decoder-c{chunk}-{parts['dtype']}-{gpu}").strip("-")
-    return f"{slug}-{digest}"
+    return _key(parts, f"decoder-c{chunk}-{parts['dtype']}-{gpu}")
 
 
 class CompileCache:

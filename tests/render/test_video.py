@@ -371,20 +371,33 @@ def test_other_colour_tags_go_through_swscale(tmp_path):
     assert np.abs(frame_to_rgb(frame).astype(int) - bt601).max() > 8
 
 
-def test_prepared_frames_encode_exactly_as_rgb_frames(tmp_path):
-    """VideoWriter.prepare (the yuv420p conversion, made in another thread) gives the video that
-    writing the RGB frames gives, decoded pixel for pixel (odd sizes padded the same way); a prepared
-    frame of another size is refused as an RGB one is."""
+def test_prepared_frames_encode_exactly_as_the_encoder_converts_rgb(tmp_path):
+    """VideoWriter converts frames to yuv420p itself (`prepare`, which may run in other threads):
+    the decoded video equals, pixel for pixel, one whose rgb24 frames libx264's stream converts
+    (the encoder's own conversion, same options; odd sizes padded by edge pixels the same way);
+    a frame of another size is refused."""
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (47, 65, 3), dtype=np.uint8) for _ in range(6)]
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
-    with VideoWriter(a, 25.0) as w:
-        for f in frames:
-            w.write(f)
+    c = av.open(str(a), "w")
+    s = c.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 66, 48, "yuv420p"
+    s.codec_context.time_base = Fraction(1, 90000)
+    s.options = {"crf": "18", "preset": "medium"}
+    for k, f in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.pad(f, ((0, 1), (0, 1), (0, 0)), mode="edge"), format="rgb24")
+        frame.pts, frame.time_base = round(k / 25 * 90000), s.codec_context.time_base
+        for packet in s.encode(frame):
+            c.mux(packet)
+    for packet in s.encode():
+        c.mux(packet)
+    c.close()
     with VideoWriter(b, 25.0) as w:
-        prepared = [w.prepare(f) for f in frames]  # before the first write: no state needed
+        prepared = [w.prepare(f) for f in frames[:3]]  # before the first write: no state needed
         for p in prepared:
             w.write(p)
+        for f in frames[3:]:
+            w.write(f)
         with pytest.raises(RetargetError, match="the first was 65x47"):
             w.write(w.prepare(frames[0][:40]))
     got_a = [f.rgb for f in open_video(a).frames()]
