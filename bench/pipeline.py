@@ -145,6 +145,13 @@ def reset_peak(device):
 
 def unet_flops(pipe, actor, rows: int) -> float | None:
     """FLOPs of one UNet call on `rows` latent rows with CFG and the reference bank (half the rows read it)."""
+    counts = unet_flop_counts(pipe, actor, rows)
+    return float(sum(counts.values())) if counts else None
+
+
+def unet_flop_counts(pipe, actor, rows: int) -> dict[str, float] | None:
+    """unet_flops' FLOPs by ATen operator (e.g. "aten.convolution", "aten.mm",
+    "aten._scaled_dot_product_flash_attention"); None when they cannot be counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from retarget.adapters.reference import reading
@@ -158,7 +165,7 @@ def unet_flops(pipe, actor, rows: int) -> float | None:
         with FlopCounterMode(display=False) as counter, torch.no_grad(), \
                 reading(pipe.reference_state, actor.bank, read_from=rows // 2):
             pipe.unet(x, 500, encoder_hidden_states=prompt, added_cond_kwargs={"image_embeds": embeds})
-        return float(counter.get_total_flops())
+        return {str(op): float(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     except Exception:  # flop counting is a nicety; never let it stop the timing
         return None
 

@@ -5,6 +5,7 @@
     python bench/run.py --modes fast --frames 1000 --deadline 500
     python bench/run.py --tiny                   # CPU smoke run: tiny weights, a short small clip (~1 min)
     python bench/run.py --ahead on,off           # each mode rendering while tracking, and after (serial)
+    python bench/run.py --early-write on,off     # the video written while tracking (retarget.run.EARLY_WRITE), or after
 
 Inputs, made by the bench: a 1920x1080 driving clip at 25 fps with audio (the sample driving
 performance of retarget/samples.py, 1080 px square, drifting slowly across a 1080p canvas:
@@ -279,12 +280,13 @@ class CallLog:
 
 def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
              reference: dict | None = None, paste_back: bool = True, compile: str = "auto",
-             preset: str = "medium") -> dict:
+             preset: str = "medium", early_write: bool = True) -> dict:
     """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
     reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches);
     paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads);
     compile: RunOptions.compile (the pipeline rate is then measured through the job's compiled batches);
-    preset: the output's libx264 preset (render.video.X264_PRESET for this job)."""
+    preset: the output's libx264 preset (render.video.X264_PRESET for this job); early_write:
+    retarget.run.EARLY_WRITE (the frames rendered ahead written into the video while tracking)."""
     import torch
 
     import retarget.run as rr
@@ -317,6 +319,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     out = work / f"{mode}.mp4"
     lines: list[str] = []
     kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
+    kept_early, rr.EARLY_WRITE = rr.EARLY_WRITE, early_write
     made: list = []  # the job's RenderAhead, for the times its batches began
     real_ahead = rr.RenderAhead
 
@@ -338,9 +341,10 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
             job_s = time.perf_counter() - t0
     finally:
         rr.RENDER_AHEAD = kept_setting
+        rr.EARLY_WRITE = kept_early
         rr.RenderAhead = real_ahead
         video.X264_PRESET = kept_preset
-    row = {"mode": mode, "ahead": ahead, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
+    row = {"mode": mode, "ahead": ahead, "early_write": early_write, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
            "output_mb": out.stat().st_size / 2**20 if out.is_file() else None, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
@@ -512,6 +516,8 @@ def main(argv=None) -> int:
     ap.add_argument("--oom-only", action="store_true", help="only the out-of-memory check (GPU)")
     ap.add_argument("--ahead", default="on",
                     help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
+    ap.add_argument("--early-write", default="on",
+                    help="write the video while tracking (retarget.run.EARLY_WRITE): on, off or on,off (default on)")
     ap.add_argument("--paste-back", default="on",
                     help="paste the faces back into the 1080p photo (on), or write the 512 px crops (off); on,off "
                          "compares in one run: without paste-back the writer's CPU work is a fraction")
@@ -547,6 +553,7 @@ def main(argv=None) -> int:
         return got
 
     aheads = on_off("--ahead", args.ahead)
+    earlies = on_off("--early-write", args.early_write)
     presets = [p for p in args.x264_preset.split(",") if p]
     compiles = [c for c in args.compile.split(",") if c]
     if not compiles or set(compiles) - {"auto", "on", "off"}:
@@ -622,7 +629,7 @@ def main(argv=None) -> int:
                   flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants) * len(earlies)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
@@ -631,16 +638,18 @@ def main(argv=None) -> int:
                 first: dict = {}  # per --compile setting: its first row, whose pipeline rate the others reuse
                 pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
                 try:
-                    for comp, ahead, paste, preset in [(c, a, p, x) for c in compiles for a in aheads for p in pastes
-                                                       for x in presets]:
+                    for comp, ahead, paste, preset, early in [(c, a, p, x, e) for c in compiles for a in aheads
+                                                              for p in pastes for x in presets for e in earlies]:
                         row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
-                                       reference=first.get(comp), paste_back=paste, compile=comp, preset=preset)
+                                       reference=first.get(comp), paste_back=paste, compile=comp, preset=preset,
+                                       early_write=early)
                         row["kernels"] = variant
                         first.setdefault(comp, row)
                         # As a cold `retarget run` would be: the models' load inside the job.
                         row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
                         info["rows"].append(row)
-                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, paste-back {'on' if paste else 'off'}, "
+                        print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, early write {'on' if early else 'off'}, "
+                              f"paste-back {'on' if paste else 'off'}, "
                               f"compile {comp}: {row['compile'] or '-'}, x264 {preset}): "
                               f"job {row['job_fps']:.2f} "
                               f"frames/s, pipeline {row['pipeline_fps']:.2f} frames/s, ratio {row['ratio'] * 100:.1f}%"
@@ -674,6 +683,7 @@ def main(argv=None) -> int:
                           for k, v in r["stages"].items() if k != "total")
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
         name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}{'' if r.get('paste_back', True) else ' crops'}"
+                f"{'' if r.get('early_write', True) else ' late-write'}"
                 f"{'' if r.get('compile_setting', 'auto') == 'auto' else ' compile ' + r['compile_setting']}"
                 f"{'' if r.get('x264_preset', 'medium') == 'medium' else ' ' + r['x264_preset']}"
                 f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")

@@ -360,7 +360,10 @@ class VideoWriter:
     (audio_end None: to its end) and shifted so `audio_start` plays at time 0 of the output.
     The stream is copied when its codec fits the container and no trimming is needed, else
     re-encoded to AAC. A file without audio gives a silent output. `crf`: x264 quality; `preset`:
-    x264's speed/size trade-off (default X264_PRESET).
+    x264's speed/size trade-off (default X264_PRESET). `audio_later`: the audio's range is not
+    known yet (a job that writes while its clip is still being tracked; audio_start and audio_end
+    are then ignored): the audio is trimmed (AAC) and held back until `set_audio_range`, which
+    must come before `close`.
 
     Frames are HxWx3 uint8 RGB of one size; odd widths/heights are padded by one replicated
     pixel row/column to even sizes (yuv420p needs them). Output goes to a temporary file in
@@ -371,7 +374,7 @@ class VideoWriter:
 
     def __init__(self, path: str | os.PathLike, fps: float, *, audio_from: str | os.PathLike | None = None,
                  audio_start: float = 0.0, audio_end: float | None = None, crf: int = 18,
-                 preset: str | None = None):
+                 preset: str | None = None, audio_later: bool = False):
         self.path = Path(path)
         fmt = _OUTPUT_FORMATS.get(self.path.suffix.lower())
         if fmt is None:
@@ -395,6 +398,9 @@ class VideoWriter:
         self._closed = False
         self._audio = None
         self._audio_args = (Path(audio_from) if audio_from is not None else None, float(audio_start), audio_end)
+        # Audio waits while its range is unknown: written ahead of the video (up to a second) it could
+        # run past the end, and an AAC frame already muxed cannot be taken back.
+        self._audio_held = bool(audio_later) and audio_from is not None
         if audio_from is not None:
             _probe_audio(Path(audio_from))  # fail early on an unreadable audio source
 
@@ -440,7 +446,18 @@ class VideoWriter:
         self._vstream = stream
         src, start, end = self._audio_args
         if src is not None:
-            self._audio = _AudioCarrier(src, self._container, self._format, start, end)
+            self._audio = _AudioCarrier(src, self._container, self._format, start, end, trim=self._audio_held)
+
+    def set_audio_range(self, start_s: float, end_s: float) -> None:
+        """The audio's range (seconds of the source; start_s plays at output time 0) for a writer
+        made with `audio_later`; the held audio follows with the next frame or at `close`."""
+        src = self._audio_args[0]
+        if end_s <= start_s:
+            raise RetargetError(f"audio range [{start_s}, {end_s}] of {src} is empty")
+        self._audio_args = (src, float(start_s), float(end_s))
+        if self._audio is not None:  # made at the first frame; nothing of it has been pumped yet
+            self._audio.start, self._audio.end = float(start_s), float(end_s)
+        self._audio_held = False
 
     def prepare(self, rgb: np.ndarray) -> "Prepared":
         """One HxWx3 uint8 RGB frame converted to what the encoder takes (yuv420p, padded to even
@@ -484,7 +501,7 @@ class VideoWriter:
         try:
             for packet in self._vstream.encode(frame):
                 self._container.mux(packet)
-            if self._audio is not None:
+            if self._audio is not None and not self._audio_held:
                 self._audio.pump(until_s=t + 1.0)
         except av.error.FFmpegError as e:
             raise RetargetError(f"cannot write {self.path}: {_short(e)}") from None
@@ -499,6 +516,8 @@ class VideoWriter:
         try:
             if self._count == 0:
                 raise RetargetError(f"no frames were written to {self.path}")
+            if self._audio_held:
+                raise RuntimeError(f"{self.path}: set_audio_range was never called")
             for packet in self._vstream.encode():
                 self._container.mux(packet)
             if self._audio is not None:
@@ -555,7 +574,7 @@ class _AudioCarrier:
     """Moves audio from a source file into the output container, interleaved with the video
     as it is written (`pump(until_s)`), by stream copy or AAC re-encoding with trimming."""
 
-    def __init__(self, src: Path, out, out_format: str, start: float, end: float | None):
+    def __init__(self, src: Path, out, out_format: str, start: float, end: float | None, trim: bool = False):
         import av
 
         self.src = src
@@ -567,7 +586,7 @@ class _AudioCarrier:
             return
         self.in_stream = self.inp.streams.audio[0]
         name = self.in_stream.codec_context.name
-        trimming = start > 0 or end is not None
+        trimming = trim or start > 0 or end is not None
         fits = out_format == "matroska" or name in _MP4_AUDIO_CODECS
         self.copy = fits and not trimming
         if self.copy:

@@ -76,6 +76,7 @@ class RenderAhead:
         self._done = False
         self._cancelled = False
         self.used: dict[int, tuple[list[int], np.ndarray]] = {}  # first frame -> (indices, params rows)
+        self.kept: set[int] = set()  # frames that `adopt` found rendered with the final params
         self.seconds = 0.0  # spent rendering ahead
         self.batch_starts: list[float] = []  # time.perf_counter() as each batch began (benchmarks)
 
@@ -102,20 +103,22 @@ class RenderAhead:
 
     # ------------------------------------------------------------------ the job's thread
     def render(self, render: Callable[[list[list[int]], np.ndarray], Iterable[tuple[list[int], np.ndarray]]],
-               batch: int) -> int:
+               batch: int, on_batch: Callable[[list[int], np.ndarray], None] | None = None) -> int:
         """Render final full batches of `batch` frames in order with `render` (Rendering.render's
         signature) until tracking has ended; returns the frames rendered. The PNGs are written by
-        retarget.overlap's saver thread while the next batch renders (in bounded memory)."""
+        retarget.overlap's saver thread while the next batch renders (in bounded memory).
+        on_batch(indices, images): each rendered batch, in frame order from 0 (retarget.overlap's
+        EarlyWriter writes them into the video; only frames that `adopt` keeps may stay there)."""
         from retarget.overlap import render_and_write
 
         t0 = time.perf_counter()
         # No writer here (sink None): n and load are for the writer; the saver writes each frame.
-        render_and_write(self._batches(render, batch), 0, save=lambda i, img: self.save(self._path(i), img),
-                         load=None, batch=batch)
+        render_and_write(self._batches(render, batch, on_batch), 0,
+                         save=lambda i, img: self.save(self._path(i), img), load=None, batch=batch)
         self.seconds = time.perf_counter() - t0
         return self.rendered
 
-    def _batches(self, render, batch: int):
+    def _batches(self, render, batch: int, on_batch=None):
         """(indices, images) of each final full batch, rendered in order, until tracking has ended."""
         start, params, final = 0, None, 0
         while True:
@@ -140,20 +143,22 @@ class RenderAhead:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.used[start] = (idx, np.array(params[idx], np.float32, copy=True))
             self.batch_starts.append(time.perf_counter())
-            yield from render([idx], params)
+            for got in render([idx], params):
+                if on_batch is not None:
+                    on_batch(*got)
+                yield got
             start += batch
 
     def adopt(self, params: np.ndarray, dest: Callable[[int], Path]) -> int:
         """Move the frames of every batch rendered with exactly the job's final `params` (T, 55)
-        rows to dest(i); drop the others. Returns the frames kept; removes the folder."""
-        kept = 0
+        rows to dest(i); drop the others. Returns the frames kept (`kept` holds them); removes the folder."""
         for idx, used in self.used.values():
             if idx[-1] < len(params) and np.array_equal(np.asarray(params[idx], np.float32), used):
                 for i in idx:
                     os.replace(self._path(i), dest(i))
-                kept += len(idx)
+                self.kept.update(idx)
         self.discard()
-        return kept
+        return len(self.kept)
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import Callable, Iterable
 
 import numpy as np
@@ -181,15 +181,16 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
                      save: Callable[[int, np.ndarray], None], load: Callable[[int], np.ndarray],
                      sink: AbstractContextManager | None = None, saved: Iterable[int] = (), batch: int = 1,
                      progress=None, queue_batches: int = 2, buffer_frames: int | None = None,
-                     stats: dict | None = None) -> int:
+                     stats: dict | None = None, written: int = 0) -> int:
     """Render, save and write `n` frames at once; returns how many frames were rendered now.
 
     batches: iterator of (frame indices, (B, H, W, 3) uint8 images) from the renderer, in any
     order (None: nothing to render); iterating it is the render work (timed as `gpu_busy`).
     save(i, image): frame i into the work folder (atomic). load(i): frame i back from there.
     sink: None (render and save only), or a context manager whose `__enter__` returns
-    write(i, image), called for i = 0..n-1 in order in the writer thread; it exits with the
+    write(i, image), called for i = written..n-1 in order in the writer thread; it exits with the
     error when the job fails (its outputs must then vanish) and normally when all are written.
+    written: frames the sink has already had (`EarlyWriter.continued`; they must be in `saved`).
     saved: frames already in the work folder that `batches` does not render (--resume).
     batch: the largest batch (for the default buffer and the bound). progress: a factory
     (total, desc, initial) -> tqdm-like bar, used from this thread only (never garbled): a
@@ -208,7 +209,7 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     crew = Crew()
     chan = Channel(crew, queue_batches)
     buf = ReorderBuffer(crew, buffer_frames, saved) if sink is not None else None
-    count = {"held": 0, "written": 0}
+    count = {"held": 0, "written": written}
 
     def hold(k: int) -> None:
         with crew.cond:
@@ -238,7 +239,7 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
 
     def writer() -> None:
         with sink as write:
-            for i in range(n):
+            for i in range(written, n):
                 t0 = time.perf_counter()
                 image = buf.take(i)
                 t1 = time.perf_counter()
@@ -301,6 +302,93 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
     if crew.error is not None:
         raise crew.error
     return rendered
+
+
+class EarlyWriter:
+    """Frames written to the video while the job still tracks: the batches rendered ahead arrive
+    in frame order from 0 (`offer`, from the rendering thread) and a thread writes them through
+    the sink that `open_sink()` gives (opened at the first frame). After tracking the job either
+    goes on with the same sink from frame `stop()` (`continued()` in `render_and_write`, then
+    `close()`), or drops what was written (`abort()`: the sink ends with an error, its outputs vanish).
+
+    At most `queue_batches` batches wait (`offer` blocks meanwhile: the writer is the limit then);
+    the sink is used from one thread at a time (this one, then the job's writer thread).
+    """
+
+    def __init__(self, open_sink: Callable[[], AbstractContextManager], queue_batches: int = 2):
+        self.open_sink = open_sink
+        self.crew = Crew()
+        self.chan = Channel(self.crew, queue_batches)
+        self.stack = ExitStack()
+        self.sink = None  # the open sink (its value is write(i, image))
+        self.write: Callable[[int, np.ndarray], None] | None = None
+        self.written = 0  # frames 0 .. written-1 went to the sink
+        self.offered = 0  # the next frame `offer` takes
+        self.seconds = 0.0  # spent writing
+        self._stop = False
+
+    def offer(self, idx: list[int], images) -> None:
+        """A rendered batch (frame indices, (B, H, W, 3) uint8); batches out of order are not
+        taken (those frames are written after tracking). Raises the writer's error, if any."""
+        if self.crew.error is not None:
+            raise self.crew.error
+        if self._stop or not len(idx) or idx[0] != self.offered or list(idx) != list(range(idx[0], idx[0] + len(idx))):
+            return
+        if not self.crew.threads:
+            self.crew.start("retarget-write-early", self._run)
+        self.offered = idx[-1] + 1
+        self.chan.put((idx, images))
+
+    def _run(self) -> None:
+        while (item := self.chan.get()) is not None:
+            for i, image in zip(*item):
+                if self._stop:
+                    return
+                t = time.perf_counter()
+                if self.write is None:
+                    self.sink = self.open_sink()
+                    self.write = self.stack.enter_context(self.sink)
+                self.write(i, image)
+                self.written = i + 1
+                self.seconds += time.perf_counter() - t
+
+    def stop(self) -> int:
+        """Stop after the frame being written (queued ones are dropped: they are in the work
+        folder); returns how many frames, from 0, the sink has had. Raises the writer's error."""
+        with self.crew.cond:
+            self._stop = True
+        self.chan.close()
+        self.crew.join()
+        if self.crew.error is not None:
+            raise self.crew.error
+        return self.written
+
+    def continued(self) -> AbstractContextManager:
+        """The open sink for `render_and_write(..., written=stop())`: entering gives its write;
+        leaving does nothing (the job calls `close` or `abort`)."""
+        early = self
+
+        class _Continued:
+            def __enter__(self):
+                return early.write
+
+            def __exit__(self, *exc):
+                return False
+
+        return _Continued()
+
+    def close(self) -> None:
+        """The video is complete: the sink ends normally (its outputs are renamed into place)."""
+        self.stack.close()
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Drop what was written: the sink ends with `error` (default: one that says the early
+        frames were dropped), which is not raised again here."""
+        self._stop = True
+        self.chan.close()
+        self.crew.join()
+        error = error or Stopped("the frames written while tracking were dropped")
+        self.stack.__exit__(type(error), error, error.__traceback__)
 
 
 class _NoBar:

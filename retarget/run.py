@@ -34,6 +34,9 @@ TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it reco
 AHEAD = "ahead"  # frames rendered while tracking, until checked against the final params (retarget.ahead)
 _FRAME_NAME = re.compile(r"\d{6}\.png")  # WorkFolder.frame_path's and RenderAhead's names
 RENDER_AHEAD = True  # render the batches whose params are final while the clip is tracked (tests switch it)
+# Write the frames rendered ahead into the video while the clip is tracked (retarget.overlap.EarlyWriter):
+# a fast job's writer otherwise had every frame still to write when tracking ended (tests switch it).
+EARLY_WRITE = True
 
 
 @dataclass
@@ -476,6 +479,14 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
     # Relative mode's params need the whole track (its neutral frame): nothing renders ahead then,
     # but `ahead` still stops the tracking when the job fails.
     ahead = RenderAhead(work.root / AHEAD, _rows_to_params(opts, reader, gain), save=_save_png)
+    # The video from its first frame, while tracking; the audio's range and the checks come after it
+    # (render_to_work). Not with a preview: its frames need the driving frames of the final times.
+    early_writer = None
+    if EARLY_WRITE and RENDER_AHEAD and not (opts.relative or opts.track or opts.resume) and opts.preview == "none":
+        from retarget.overlap import EarlyWriter
+
+        early_writer = EarlyWriter(lambda: _video_sink(r, None, opts, out=out, fps=opts.fps or reader.fps,
+                                                       audio=(drive, None, None) if reader.has_audio else None))
 
     def performance():
         try:
@@ -514,9 +525,11 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                                            **({"pipe": pipe} if pipe is not None else {}))
         stages["prepare"] = time.perf_counter() - t
         batch = job_batch(r, opts, work, expected_frames(reader, opts), log)
-        ahead.render(r.render, batch)
+        ahead.render(r.render, batch, on_batch=early_writer.offer if early_writer is not None else None)
         track, tracked, at, params = performed or tracking.result()
     except BaseException:
+        if early_writer is not None:
+            early_writer.abort()  # its temporary video goes
         ahead.cancel()  # the tracker stops at its next batch
         if loading is not None:
             loading.cancel()  # not waited for: the error is the user's answer now
@@ -534,10 +547,15 @@ def run(drive: str | os.PathLike, actor_path: str | os.PathLike, out: str | os.P
                    _driving_frames(reader, nearest_frames(track.times, at), start_s=float(track.times[0])),
                    _load_flame(layout))
     stats: dict = {}
-    rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats, batch=batch,
-                              ahead=ahead, video=dict(
-        out=out, fps=out_fps, preview=preview,
-        audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None))
+    try:
+        rendered = render_to_work(r, params, work, opts, layout, actor_path, source, log, stats=stats, batch=batch,
+                                  ahead=ahead, early_writer=early_writer, video=dict(
+            out=out, fps=out_fps, preview=preview,
+            audio=(drive, float(at[0]), float(at[-1] + 1.0 / out_fps)) if reader.has_audio else None))
+    except BaseException:
+        if early_writer is not None:
+            early_writer.abort()  # its video, if not already closed or dropped, goes
+        raise
     if not opts.keep_work:
         shutil.rmtree(work.root, ignore_errors=True)
     from retarget.compiling import summary_note
@@ -628,7 +646,7 @@ def job_batch(r: Rendering, opts: RunOptions, work: WorkFolder, frames: int, log
 
 def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: RunOptions, layout, actor_path: Path,
                    source: dict, log, *, video: dict | None = None, stats: dict | None = None,
-                   batch: int | None = None, ahead: RenderAhead | None = None) -> int:
+                   batch: int | None = None, ahead: RenderAhead | None = None, early_writer=None) -> int:
     """Render every frame of `params` (T, 55) into the work folder, resuming when asked.
 
     Batches are aligned to multiples of the batch size, so a resumed run renders the same
@@ -637,7 +655,10 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
     written while the frames render (retarget.overlap), as write_video would write it after.
     stats: filled as by `retarget.overlap.render_and_write` (the stages' times). batch: from
     `job_batch` when called already (default: called here); ahead: the frames rendered while
-    tracking, moved in where their params are these (the others are rendered again).
+    tracking, moved in where their params are these (the others are rendered again);
+    early_writer: a retarget.overlap.EarlyWriter that wrote the first of them into the video
+    (`video`'s) while tracking: the video goes on from there if every frame it wrote was kept
+    and its frame rate is `video`'s, else it is dropped and written from frame 0.
     """
     if batch is None:
         batch = job_batch(r, opts, work, len(params), log)
@@ -654,10 +675,43 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
     early = 0
     if ahead is not None and ahead.rendered:
         early = ahead.adopt(params, work.frame_path)
+    written, sink = _continue_early_video(early_writer, ahead, video, log) if early_writer is not None else (0, None)
+    if ahead is not None and ahead.rendered:
         log(f"rendered {ahead.rendered} frames while tracking ({ahead.seconds:.1f}s); kept {early}"
-            + ("" if early == ahead.rendered else f", {ahead.rendered - early} to render again (their params changed)"))
-    sink = _video_sink(r, params, opts, **video) if video else None
-    return early + _render_all(r, params, work, batch, log, sink=sink, stats=stats, early=early)
+            + ("" if early == ahead.rendered else f", {ahead.rendered - early} to render again (their params changed)")
+            + (f"; {written} written to the video" if written else ""))
+    if sink is None and video:
+        sink = _video_sink(r, params, opts, **video)
+    stats = {} if stats is None else stats
+    rendered = _render_all(r, params, work, batch, log, sink=sink, stats=stats, early=early, written=written)
+    if written:
+        early_writer.close()  # the sink entered while tracking ends here: the outputs are renamed into place
+        stats["written_end"] = time.perf_counter()
+    stats.update(early_written=written, early_write_s=early_writer.seconds if early_writer is not None else 0.0)
+    return early + rendered
+
+
+def _continue_early_video(early_writer, ahead: RenderAhead | None, video: dict | None, log):
+    """(frames written, the sink to go on with) after tracking: the early writer's video when every
+    frame it wrote was rendered with the final params and its frame rate and audio fit `video`;
+    else (0, None), its video dropped (written again from frame 0)."""
+    written = early_writer.stop()
+    if not written:
+        early_writer.abort()
+        return 0, None
+    writer = early_writer.sink.video
+    reasons = []
+    if ahead is None or not all(i in ahead.kept for i in range(written)):
+        reasons.append("some of its frames' params changed")
+    if video is None or writer.fps != float(video["fps"]):
+        reasons.append("its frame rate is not the track's")
+    if reasons:
+        early_writer.abort()
+        log(f"the {written} frames written to the video while tracking are written again ({'; '.join(reasons)})")
+        return 0, None
+    if video.get("audio") is not None:
+        writer.set_audio_range(video["audio"][1], video["audio"][2])
+    return written, early_writer.continued()
 
 
 def write_video(r: Rendering, params: np.ndarray, work: WorkFolder, out: Path, fps: float, opts: RunOptions, *,
@@ -676,7 +730,8 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
                 audio: tuple[Path, float, float] | None = None, preview=None):
     """The writer stage (arguments as `write_video`'s): a context manager whose value is
     write(i, face) for the aligned faces i = 0..T-1 in order; the outputs are renamed into
-    place when it exits normally and deleted when it exits with an error."""
+    place when it exits normally and deleted when it exits with an error. audio (file, None,
+    None): its range is set later, through the context manager's `video` (a VideoWriter)."""
     from contextlib import ExitStack, contextmanager
 
     from render.storyboard import save_image
@@ -685,8 +740,10 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
     frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
     if frames_dir:
         check_writable(frames_dir, "--frames-dir")
+    later = audio is not None and audio[1] is None  # (file, None, None): the range comes later (set_audio_range)
     writer = VideoWriter(out, fps, audio_from=audio[0] if audio else None,  # checks now, opens on the first frame
-                         audio_start=audio[1] if audio else 0.0, audio_end=audio[2] if audio else None)
+                         audio_start=audio[1] if audio and not later else 0.0,
+                         audio_end=audio[2] if audio and not later else None, audio_later=later)
     pwriter = VideoWriter(preview[0], fps) if preview else None
 
     @contextmanager
@@ -730,7 +787,9 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
                 j, pasted = pending.popleft()
                 emit(j, *pasted.result())
 
-    return sink()
+    cm = sink()
+    cm.video = writer  # the job's handle for set_audio_range (EarlyWriter)
+    return cm
 
 
 PASTE_THREADS = 2  # paste-back threads beside the encoder (the writer thread)
@@ -920,10 +979,11 @@ def _driver_neutral(drive: Path, track, opts: RunOptions, layout, device: str, r
 
 
 def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, log, *, sink=None,
-                stats: dict | None = None, early: int = 0) -> int:
+                stats: dict | None = None, early: int = 0, written: int = 0) -> int:
     """Render every frame missing from `work`, `batch` frames at a time (through `r.render`);
     halve the batch and retry on out-of-memory; with `sink` (`_video_sink`), write the video
-    meanwhile (retarget.overlap). Returns how many frames were rendered now."""
+    meanwhile (retarget.overlap), from frame `written` (those before it are in the sink already).
+    Returns how many frames were rendered now."""
     from retarget.overlap import render_and_write
 
     n = len(params)
@@ -933,7 +993,7 @@ def _render_all(r: Rendering, params: np.ndarray, work: WorkFolder, batch: int, 
     if len(saved) > early:  # early: rendered by this job while tracking (not a resumed run's)
         log(f"resuming: {len(saved) - early} of {n} frames already rendered")
     return render_and_write(r.render(todo, params), n, save=work.save_frame, load=work.load, sink=sink,
-                            saved=saved, batch=batch, progress=_bars, stats=stats)
+                            saved=saved, batch=batch, progress=_bars, stats=stats, written=written)
 
 
 def _render_with_backoff(pipe, actor, params: np.ndarray, idx: list[int], call: dict,

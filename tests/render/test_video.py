@@ -185,6 +185,27 @@ def test_write_trimmed_audio_stays_in_sync(clip, tmp_path):
     assert abs(_onset_s(got["samples"]) - (src_onset - 0.5)) < 0.005
 
 
+def test_audio_range_given_later_gives_the_same_audio(clip, tmp_path):
+    # A job writing while its clip is still tracked learns the audio's range only at the end.
+    frames = [f.rgb for f in open_video(clip) if 0.5 - 1e-6 <= f.time_s < 1.5]
+    known, later = tmp_path / "known.mp4", tmp_path / "later.mp4"
+    with VideoWriter(known, 25, audio_from=clip, audio_start=0.5, audio_end=1.5) as w:
+        for f in frames:
+            w.write(f)
+    with VideoWriter(later, 25, audio_from=clip, audio_later=True) as w:
+        for k, f in enumerate(frames):
+            if k == 20:  # told with 5 frames to go: audio held so far must now follow
+                w.set_audio_range(0.5, 1.5)
+            w.write(f)
+    a, b = probe(known), probe(later)
+    assert b["frames"] == a["frames"] == 25
+    np.testing.assert_array_equal(b["samples"], a["samples"])  # the same AAC encoding of the same samples
+    with pytest.raises(RuntimeError, match="set_audio_range"):
+        with VideoWriter(tmp_path / "never.mp4", 25, audio_from=clip, audio_later=True) as w:
+            w.write(frames[0])
+    assert not (tmp_path / "never.mp4").exists()
+
+
 def test_write_odd_size_and_real_times(tmp_path):
     out = tmp_path / "odd.mkv"
     times = [0.0, 0.04, 0.2, 0.24, 0.5]

@@ -96,8 +96,8 @@ def _work(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def after_tracking(inputs, tiny_weights, tmp_path_factory):
-    """The frames of a run that renders only once the clip is tracked (RENDER_AHEAD off)."""
+def after_run(inputs, tiny_weights, tmp_path_factory) -> Path:
+    """out.mp4 of a run that renders only once the clip is tracked (RENDER_AHEAD off), its work kept."""
     import retarget.run as rr
 
     out = tmp_path_factory.mktemp("after") / "out.mp4"
@@ -107,7 +107,25 @@ def after_tracking(inputs, tiny_weights, tmp_path_factory):
     finally:
         rr.RENDER_AHEAD = saved
     assert s.frames == 30
-    return _pngs(_work(out) / "frames")
+    return out
+
+
+@pytest.fixture(scope="module")
+def after_tracking(after_run):
+    """The frames of that run."""
+    return _pngs(_work(after_run) / "frames")
+
+
+def _decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(frames (N, H, W, 3) uint8, audio samples (channels, S) float32) of a written video, decoded."""
+    import av
+
+    from render.video import open_video
+
+    frames = np.stack([f.rgb for f in open_video(path)])
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=1)
+    return frames, audio
 
 
 def _gate(monkeypatch, frames_first: int):
@@ -198,3 +216,76 @@ def test_a_failure_while_tracking_stops_the_tracker_and_leaves_no_frames_ahead(i
         run(inputs[0], blank, out, _opts(tmp_path, "fail"), weights=tiny_weights, **QUIET)
     assert not out.exists() and not (_work(out) / "ahead").exists()
     assert not [t for t in threading.enumerate() if t.name == "retarget-track" and t.is_alive()]
+
+
+# --------------------------------------------------------------------------- the video written while tracking
+
+
+def _written_early(lines: list[str]) -> int:
+    said = [l for l in lines if "while tracking (" in l]
+    assert len(said) == 1, lines
+    m = re.search(r"; (\d+) written to the video", said[0])
+    return int(m.group(1)) if m else 0
+
+
+def _same_video(got: Path, want: Path) -> None:
+    (fg, ag), (fw, aw) = _decoded(got), _decoded(want)
+    assert fg.shape == fw.shape and fg.shape[0] == 30
+    np.testing.assert_array_equal(fg, fw)  # the same frames through the same encoder: the same decoded pixels
+    np.testing.assert_array_equal(ag, aw)  # the same audio range through the same AAC encoding
+
+
+def test_the_video_written_while_tracking_is_the_video_written_after(inputs, tiny_weights, tmp_path, monkeypatch,
+                                                                     after_run):
+    _gate(monkeypatch, frames_first=8)
+    lines = []
+    out = tmp_path / "out.mp4"
+    run(*inputs, out, _opts(tmp_path, "early"), weights=tiny_weights, log=lines.append)
+    assert _written_early(lines) >= 1, lines  # the video did start while the clip was being tracked
+    _same_video(out, after_run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.mp4.work", "out.mp4"]  # no temporary file left
+
+
+def test_a_video_written_with_params_that_changed_is_written_again(inputs, tiny_weights, tmp_path, monkeypatch,
+                                                                    after_run):
+    import retarget.ahead as ra
+
+    # The wrong margin of the test above: the first batches' params change once more rows come, so
+    # the frames written from them must not stay in the video.
+    monkeypatch.setattr(ra, "final_frames", lambda at, times, valid, reach: len(at))
+    _gate(monkeypatch, frames_first=16)
+    lines = []
+    out = tmp_path / "out.mp4"
+    run(*inputs, out, _opts(tmp_path, "wrong"), weights=tiny_weights, log=lines.append)
+    again = [l for l in lines if "written to the video while tracking are written again" in l]
+    assert len(again) == 1 and "params changed" in again[0], lines
+    assert _written_early(lines) == 0
+    _same_video(out, after_run)
+
+
+def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights, tmp_path, monkeypatch):
+    import retarget.ahead as ra
+    from render.video import VideoWriter
+
+    wrote = threading.Event()
+    write, observe = VideoWriter.write, ra.RenderAhead.observe
+
+    def counting_write(self, frame):
+        write(self, frame)
+        wrote.set()
+
+    def failing(self, times, rows, valid):
+        observe(self, times, rows, valid)
+        if len(times) >= 16:  # the tracker breaks once the early video has a frame
+            assert wrote.wait(120), "nothing was written to the video while the tracker waited"
+            raise OSError("the driving clip's disk went away")
+
+    monkeypatch.setattr(VideoWriter, "write", counting_write)
+    monkeypatch.setattr(ra.RenderAhead, "observe", failing)
+    monkeypatch.setattr("tracking.tracker._auto_workers", lambda *_: 0)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OSError, match="disk went away"):
+        run(*inputs, out, _opts(tmp_path, "broken"), weights=tiny_weights, **QUIET)
+    assert wrote.is_set()
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
+    assert not [t for t in threading.enumerate() if t.name.startswith("retarget-write") and t.is_alive()]
