@@ -349,8 +349,10 @@ class EarlyWriter:
                     self.sink = self.open_sink()
                     self.write = self.stack.enter_context(self.sink)
                 self.write(i, image)
-                self.written = i + 1
                 self.seconds += time.perf_counter() - t
+                with self.crew.cond:
+                    self.written = i + 1
+                    self.crew.cond.notify_all()  # for waiters on `written` (tests)
 
     def stop(self) -> int:
         """Stop after the frame being written (queued ones are dropped: they are in the work

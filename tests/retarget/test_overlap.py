@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from render.errors import DiskFullError, RetargetError
-from retarget.overlap import Background, held_bound, render_and_write
+from retarget.overlap import Background, EarlyWriter, held_bound, render_and_write
 
 
 def _image(i: int) -> np.ndarray:
@@ -209,3 +209,51 @@ def test_a_batchs_pngs_are_saved_in_parallel_before_the_batch_is_offered(monkeyp
     assert sorted(store.frames) == list(range(8)) and [i for i, _ in sink.written] == list(range(8))
     assert len(threads) == 2 and all(t.startswith("retarget-save-png") for t in threads)
     assert not _our_threads()
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 9])
+def test_a_video_started_early_goes_on_from_the_frame_it_reached(stop_after):
+    # The early writer stops wherever it is when tracking ends; the job's writer goes on from there:
+    # every frame once, in order, through the one sink, which ends normally only at close().
+    n, b = 14, 4
+    sink, store = _Sink(), _Store()
+    reached = threading.Event()
+    sink.before = lambda i: reached.set() if i == stop_after - 1 else None
+    early = EarlyWriter(sink.open)
+    early.offer([4, 5, 6, 7], np.stack([_image(i) for i in range(4, 8)]))  # not from frame 0: not taken
+    for idx, images in _batches(12, b):  # the batches rendered ahead, in order
+        for i, img in zip(idx, images):
+            store.save(i, img)
+        early.offer(idx, images)
+        if idx[-1] >= stop_after - 1:
+            break
+    assert reached.wait(10)
+    written = early.stop()
+    assert stop_after <= written <= 12 and sink.exit == "open"
+    rest = _batches(n, b, order=[j for j in range(4) if j * b + b > written])  # the job renders the rest
+    todo = [(idx, im) for idx, im in rest if not all(i in store.frames for i in idx)]
+    render_and_write(iter(todo), n, save=store.save, load=store.load, sink=early.continued(),
+                     saved=set(store.frames), batch=b, written=written)
+    assert sink.exit == "open"  # the job closes it, not render_and_write
+    early.close()
+    assert sink.exit == "ok"
+    assert sink.written == [(i, i % 251) for i in range(n)]
+    assert not [t for t in _our_threads() if t.startswith("retarget-write")]
+
+
+def test_an_early_video_dropped_or_broken_ends_with_an_error():
+    sink = _Sink()
+    early = EarlyWriter(sink.open)
+    early.offer([0, 1], np.stack([_image(0), _image(1)]))
+    assert early.crew.wait_for(lambda: early.written == 2, timeout=10)
+    assert early.stop() == 2
+    early.abort()  # its frames' params changed: the sink ends with an error (VideoWriter deletes its file)
+    assert sink.exit == "Stopped" and sink.written == [(0, 0), (1, 1)]
+    broken = EarlyWriter(_Sink(fail_at=1).open)
+    broken.offer([0, 1, 2], np.stack([_image(i) for i in range(3)]))
+    assert broken.crew.wait_for(lambda: broken.crew.error is not None, timeout=10)
+    with pytest.raises(RetargetError, match="frame 1"):
+        broken.stop()
+    with pytest.raises(RetargetError, match="frame 1"):  # and the next batch of the renderer stops the job
+        broken.offer([3], _image(3)[None])
+    broken.abort()
