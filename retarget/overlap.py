@@ -268,13 +268,15 @@ def render_and_write(batches: Iterable[tuple[list[int], np.ndarray]] | None, n: 
                     t = time.perf_counter()
                     try:
                         idx, images = next(it)
-                    except StopIteration:
+                    except StopIteration:  # not a render call: its time is not the GPU's (nor in `render_end`)
                         break
-                    finally:
-                        took = time.perf_counter() - t
-                        stats["gpu_busy"] += took
-                        stats["batch_s"].append(took)
+                    except BaseException:
+                        stats["gpu_busy"] += time.perf_counter() - t
+                        raise
                     stats["render_end"] = time.perf_counter()
+                    took = stats["render_end"] - t
+                    stats["gpu_busy"] += took
+                    stats["batch_s"].append(took)
                     hold(len(idx))
                     chan.put((idx, images))
                     rendered += len(idx)
