@@ -289,3 +289,28 @@ def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights,
     assert wrote.is_set()
     assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
     assert not [t for t in threading.enumerate() if t.name.startswith("retarget-write") and t.is_alive()]
+
+
+def test_a_failure_after_tracking_in_a_video_started_early_leaves_no_video(inputs, tiny_weights, tmp_path,
+                                                                          monkeypatch):
+    from render.errors import RetargetError
+    from render.video import VideoWriter
+
+    _gate(monkeypatch, frames_first=8)
+    write, count = VideoWriter.write, [0]
+
+    def failing_write(self, frame):
+        count[0] += 1
+        if count[0] == 27:  # after tracking: the job's writer goes on with the early video's sink
+            raise RetargetError("cannot write out.mp4: disk full")
+        write(self, frame)
+
+    monkeypatch.setattr(VideoWriter, "write", failing_write)
+    lines = []
+    out = tmp_path / "out.mp4"
+    with pytest.raises(RetargetError, match="disk full"):
+        run(*inputs, out, _opts(tmp_path, "late-fail"), weights=tiny_weights, log=lines.append)
+    assert _written_early(lines) >= 1, lines
+    assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith(("retarget-write", "retarget-paste", "retarget-save")) and t.is_alive()]
