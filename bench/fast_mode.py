@@ -79,20 +79,13 @@ def main(argv=None) -> int:
     from retarget.compiling import TORCH_MODE
     from retarget.run import RunOptions, render_call
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    job = pipeline_bench.random_job(args.tiny)
+    cuda, device, dtype, pipe, gpu, actor, rng = job.cuda, job.device, job.dtype, job.pipe, job.gpu, job.actor, job.rng
     b = args.batch or (32 if cuda else 4)
     repeat = args.repeat or (5 if cuda else 1)
     backend = "inductor" if cuda else "eager"
     sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
 
-    pipe = pipeline_bench.build(device, dtype, args.tiny)
-    gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
-    rng = np.random.default_rng(0)
-    arc = rng.standard_normal(512).astype(np.float32)
-    ref_img = rng.integers(0, 256, (pipe.image_size, pipe.image_size, 3), dtype=np.uint8)
-    actor = pipe.make_actor(arc, ref_img, generator=torch.Generator().manual_seed(0))
     call = dict(render_call(RunOptions(fast=True)), frame_indices=list(range(b)))
     expr = rng.standard_normal((b, 55)).astype(np.float32)
     print(f"{gpu}, {dtype}, torch {torch.__version__}, diffusers {diffusers.__version__}, B={b}, call {call}",

@@ -116,6 +116,25 @@ def build(device: torch.device, dtype: torch.dtype, tiny: bool):
     return pipe.to(device, dtype)
 
 
+def random_job(tiny: bool):
+    """The one-GPU benches' setup: fp16 on CUDA unless `tiny` (then fp32 on the CPU and the tiny
+    configs), `build`'s pipeline and an actor from a random identity and reference image.
+    Returns a namespace: cuda, device, dtype, pipe, gpu (its name), actor, and rng (seeded 0, past
+    the actor's draws: the caller's expressions come from it)."""
+    from types import SimpleNamespace
+
+    cuda = torch.cuda.is_available() and not tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    pipe = build(device, dtype, tiny)
+    rng = np.random.default_rng(0)
+    arc = rng.standard_normal(512).astype(np.float32)
+    ref_img = rng.integers(0, 256, (pipe.image_size, pipe.image_size, 3), dtype=np.uint8)
+    actor = pipe.make_actor(arc, ref_img, generator=torch.Generator().manual_seed(0))
+    gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    return SimpleNamespace(cuda=cuda, device=device, dtype=dtype, pipe=pipe, gpu=gpu, actor=actor, rng=rng)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

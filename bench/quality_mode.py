@@ -88,17 +88,10 @@ def main(argv=None) -> int:
 
     from retarget.run import RunOptions, render_call
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    job = pipeline_bench.random_job(args.tiny)
+    cuda, device, dtype, pipe, gpu, actor, rng = job.cuda, job.device, job.dtype, job.pipe, job.gpu, job.actor, job.rng
     b = args.batch or (32 if cuda else 2)
     repeat = args.repeat or (3 if cuda else 1)
-    pipe = pipeline_bench.build(device, dtype, args.tiny)
-    gpu = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
-    rng = np.random.default_rng(0)
-    actor = pipe.make_actor(rng.standard_normal(512).astype(np.float32),
-                            rng.integers(0, 256, (pipe.image_size, pipe.image_size, 3), dtype=np.uint8),
-                            generator=torch.Generator().manual_seed(0))
     call = dict(render_call(RunOptions()), frame_indices=list(range(b)))
     if args.tiny:
         call["steps"] = 2

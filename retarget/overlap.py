@@ -326,7 +326,6 @@ class EarlyWriter:
         self.write: Callable[[int, np.ndarray], None] | None = None
         self.written = 0  # frames 0 .. written-1 went to the sink
         self.offered = 0  # the next frame `offer` takes
-        self.seconds = 0.0  # spent writing
         self._stop = False
 
     def offer(self, idx: list[int], images) -> None:
@@ -334,7 +333,7 @@ class EarlyWriter:
         taken (those frames are written after tracking). Raises the writer's error, if any."""
         if self.crew.error is not None:
             raise self.crew.error
-        if self._stop or not len(idx) or idx[0] != self.offered or list(idx) != list(range(idx[0], idx[0] + len(idx))):
+        if self._stop or not len(idx) or list(idx) != list(range(self.offered, self.offered + len(idx))):
             return
         if not self.crew.threads:
             self.crew.start("retarget-write-early", self._run)
@@ -346,23 +345,25 @@ class EarlyWriter:
             for i, image in zip(*item):
                 if self._stop:
                     return
-                t = time.perf_counter()
                 if self.write is None:
                     self.sink = self.open_sink()
                     self.write = self.stack.enter_context(self.sink)
                 self.write(i, image)
-                self.seconds += time.perf_counter() - t
                 with self.crew.cond:
                     self.written = i + 1
                     self.crew.cond.notify_all()  # for waiters on `written` (tests)
 
-    def stop(self) -> int:
-        """Stop after the frame being written (queued ones are dropped: they are in the work
-        folder); returns how many frames, from 0, the sink has had. Raises the writer's error."""
+    def _halt(self) -> None:
+        """The thread ends after the frame it is writing; queued batches are dropped."""
         with self.crew.cond:
             self._stop = True
         self.chan.close()
         self.crew.join()
+
+    def stop(self) -> int:
+        """Stop after the frame being written (queued ones are dropped: they are in the work
+        folder); returns how many frames, from 0, the sink has had. Raises the writer's error."""
+        self._halt()
         if self.crew.error is not None:
             raise self.crew.error
         return self.written
@@ -385,14 +386,11 @@ class EarlyWriter:
         """The video is complete: the sink ends normally (its outputs are renamed into place)."""
         self.stack.close()
 
-    def abort(self, error: BaseException | None = None) -> None:
-        """Drop what was written: the sink ends with `error` (default: one that says the early
-        frames were dropped), which is not raised again here."""
-        self._stop = True
-        self.chan.close()
-        self.crew.join()
-        error = error or Stopped("the frames written while tracking were dropped")
-        self.stack.__exit__(type(error), error, error.__traceback__)
+    def abort(self) -> None:
+        """Drop what was written: the sink ends with an error (not raised here), so its outputs vanish."""
+        self._halt()
+        error = Stopped("the frames written while tracking were dropped")
+        self.stack.__exit__(type(error), error, None)
 
 
 class _NoBar:

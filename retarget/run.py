@@ -672,11 +672,11 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
         **({"decoder_compiled": True} if r.compiled is not None and r.compiled.decoder else {}),
     }
     work.start(manifest, opts.resume)
-    early = 0
-    if ahead is not None and ahead.rendered:
+    early, written, sink = 0, 0, None
+    if ahead is not None and ahead.rendered:  # the early writer has frames only from these
         early = ahead.adopt(params, work.frame_path)
-    written, sink = _continue_early_video(early_writer, ahead, video, log) if early_writer is not None else (0, None)
-    if ahead is not None and ahead.rendered:
+        if early_writer is not None:
+            written, sink = _continue_early_video(early_writer, ahead, video, log)
         log(f"rendered {ahead.rendered} frames while tracking ({ahead.seconds:.1f}s); kept {early}"
             + ("" if early == ahead.rendered else f", {ahead.rendered - early} to render again (their params changed)")
             + (f"; {written} written to the video" if written else ""))
@@ -687,21 +687,20 @@ def render_to_work(r: Rendering, params: np.ndarray, work: WorkFolder, opts: Run
     if written:
         early_writer.close()  # the sink entered while tracking ends here: the outputs are renamed into place
         stats["written_end"] = time.perf_counter()
-    stats.update(early_written=written, early_write_s=early_writer.seconds if early_writer is not None else 0.0)
     return early + rendered
 
 
-def _continue_early_video(early_writer, ahead: RenderAhead | None, video: dict | None, log):
+def _continue_early_video(early_writer, ahead: RenderAhead, video: dict | None, log):
     """(frames written, the sink to go on with) after tracking: the early writer's video when every
-    frame it wrote was rendered with the final params and its frame rate and audio fit `video`;
-    else (0, None), its video dropped (written again from frame 0)."""
+    frame it wrote was rendered with the final params and its frame rate is `video`'s (its audio
+    range is then set from `video`); else (0, None), its video dropped (written again from frame 0)."""
     written = early_writer.stop()
     if not written:
         early_writer.abort()
         return 0, None
     writer = early_writer.sink.video
     reasons = []
-    if ahead is None or not all(i in ahead.kept for i in range(written)):
+    if not all(i in ahead.kept for i in range(written)):
         reasons.append("some of its frames' params changed")
     if video is None or writer.fps != float(video["fps"]):
         reasons.append("its frame rate is not the track's")

@@ -174,17 +174,22 @@ def test_frames_rendered_while_tracking_are_the_frames_rendered_after(inputs, ti
     assert not (_work(out) / "ahead").exists()
 
 
-def test_frames_rendered_with_params_that_changed_are_rendered_again(inputs, tiny_weights, tmp_path, monkeypatch,
-                                                                     after_tracking):
+def _run_with_a_wrong_margin(inputs, tiny_weights, tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """(out.mp4, log lines) of a run whose margin is wrong: every frame tracked so far is called
+    final, so the last ones get params that the rows still to come change."""
     import retarget.ahead as ra
 
-    # A wrong margin: every frame tracked so far is called final, so the last ones get params that
-    # the rows still to come change.
     monkeypatch.setattr(ra, "final_frames", lambda at, times, valid, reach: len(at))
     _gate(monkeypatch, frames_first=16)
     lines = []
     out = tmp_path / "out.mp4"
     run(*inputs, out, _opts(tmp_path, "wrong"), weights=tiny_weights, log=lines.append)
+    return out, lines
+
+
+def test_frames_rendered_with_params_that_changed_are_rendered_again(inputs, tiny_weights, tmp_path, monkeypatch,
+                                                                     after_tracking):
+    out, lines = _run_with_a_wrong_margin(inputs, tiny_weights, tmp_path, monkeypatch)
     said = [l for l in lines if "while tracking (" in l][0]
     rendered, kept = map(int, re.search(r"rendered (\d+) frames while tracking .*kept (\d+)", said).groups())
     assert rendered >= 16 and kept < rendered and "to render again" in said
@@ -248,15 +253,9 @@ def test_the_video_written_while_tracking_is_the_video_written_after(inputs, tin
 
 def test_a_video_written_with_params_that_changed_is_written_again(inputs, tiny_weights, tmp_path, monkeypatch,
                                                                     after_run):
-    import retarget.ahead as ra
-
-    # The wrong margin of the test above: the first batches' params change once more rows come, so
-    # the frames written from them must not stay in the video.
-    monkeypatch.setattr(ra, "final_frames", lambda at, times, valid, reach: len(at))
-    _gate(monkeypatch, frames_first=16)
-    lines = []
-    out = tmp_path / "out.mp4"
-    run(*inputs, out, _opts(tmp_path, "wrong"), weights=tiny_weights, log=lines.append)
+    # The first batches' params change once more rows come: the frames written from them must not
+    # stay in the video.
+    out, lines = _run_with_a_wrong_margin(inputs, tiny_weights, tmp_path, monkeypatch)
     again = [l for l in lines if "written to the video while tracking are written again" in l]
     assert len(again) == 1 and "params changed" in again[0], lines
     assert _written_early(lines) == 0
