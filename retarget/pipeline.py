@@ -205,11 +205,19 @@ class RetargetPipeline(DiffusionPipeline, IPAdapterMixin, StableDiffusionLoraLoa
         self._kernel_state.reset()  # graphs, FP8 copies, the fp32 VAE belong to the old placement
         return super().to(*args, **kwargs)
 
-    def compile_unet(self, mode: str | None = "reduce-overhead", **kwargs) -> None:
+    def compile_unet(self, mode: str | None = "reduce-overhead", options: dict | None = None, **kwargs) -> None:
         """Opt-in: run the denoising loop through `torch.compile(unet, mode=mode, **kwargs)` (the writer
         stays eager). Each new batch size, scheduler or scale setting compiles again (seconds to minutes);
-        mode None goes back to eager."""
-        self._compiled_unet = None if mode is None else torch.compile(self.unet, mode=mode, **kwargs)
+        mode None goes back to eager. options: inductor settings on top of `mode`'s (torch.compile takes
+        a mode or options, not both, so the mode's own settings are spelled out with them)."""
+        if mode is None:
+            self._compiled_unet = None
+        elif options:
+            from torch._inductor import list_mode_options
+
+            self._compiled_unet = torch.compile(self.unet, options={**list_mode_options(mode), **options}, **kwargs)
+        else:
+            self._compiled_unet = torch.compile(self.unet, mode=mode, **kwargs)
 
     def compile_decoder(self, mode: str | None = "default", rows: int = DECODE_BATCH, **kwargs) -> None:
         """Opt-in: VAE-decode through `torch.compile(vae.decode, mode=mode, **kwargs)` in chunks of `rows`

@@ -124,6 +124,24 @@ def test_compiled_equals_eager_and_one_compile_serves_the_clip(pipe, actor, clip
         torch._dynamo.reset()
 
 
+def test_compile_unet_options_spell_out_the_modes_settings(pipe, monkeypatch):
+    """torch.compile takes a mode or options, not both: with options, compile_unet hands torch the mode's
+    own settings (reduce-overhead: CUDA graphs) merged with them, the options winning; without, the mode."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    try:
+        pipe.compile_unet("reduce-overhead", options={"epilogue_fusion": False, "triton.cudagraphs": False},
+                          dynamic=False)
+        pipe.compile_unet("reduce-overhead", dynamic=False)
+        pipe.compile_unet("max-autotune", options={"coordinate_descent_tuning": False})
+    finally:
+        pipe.compile_unet(None)
+    assert seen[0] == {"options": {"triton.cudagraphs": False, "epilogue_fusion": False}, "dynamic": False}
+    assert seen[1] == {"mode": "reduce-overhead", "dynamic": False}
+    assert seen[2]["options"]["max_autotune"] is True and seen[2]["options"]["coordinate_descent_tuning"] is False
+    assert pipe._compiled_unet is None
+
+
 # --------------------------------------------------------------------------- the decision
 
 GPU = dict(device="cuda", mode="quality", batch=32, steps=25)
