@@ -392,11 +392,21 @@ def test_other_colour_tags_go_through_swscale(tmp_path):
     assert np.abs(frame_to_rgb(frame).astype(int) - bt601).max() > 8
 
 
-def test_prepared_frames_encode_exactly_as_the_encoder_converts_rgb(tmp_path):
+def _planes(frame) -> list[np.ndarray]:
+    """A video frame's planes without their row padding."""
+    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].copy() for p in frame.planes]
+
+
+def test_prepared_frames_convert_exactly_as_the_encoder_converts_rgb(tmp_path):
     """VideoWriter converts frames to yuv420p itself (`prepare`, which may run in other threads):
-    the decoded video equals, pixel for pixel, one whose rgb24 frames libx264's stream converts
-    (the encoder's own conversion, same options; odd sizes padded by edge pixels the same way);
-    a frame of another size is refused."""
+    its planes equal, byte for byte, those of the conversion libx264's stream makes of an rgb24
+    frame (the same reformat call, odd sizes padded by edge pixels the same way), and the video it
+    writes decodes to one the encoder made from rgb24 frames. Pixels of the two videos are compared
+    within a bound, not exactly: libx264's mode decisions at the padded right edge differ between
+    runs on some CPUs (CI saw 2 of 12 macroblocks differ, 2% of pixels), while a wrong conversion
+    (matrix, range, padding) moves most pixels by several levels. A frame of another size is refused."""
+    from av.video.reformatter import VideoReformatter
+
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (47, 65, 3), dtype=np.uint8) for _ in range(6)]
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
@@ -410,19 +420,26 @@ def test_prepared_frames_encode_exactly_as_the_encoder_converts_rgb(tmp_path):
         frame.pts, frame.time_base = round(k / 25 * 90000), s.codec_context.time_base
         for packet in s.encode(frame):
             c.mux(packet)
+    # The call the stream's encode makes for a frame of another format (av/video/codeccontext).
+    rgb_frame = av.VideoFrame.from_ndarray(np.pad(frames[0], ((0, 1), (0, 1), (0, 0)), mode="edge"), format="rgb24")
+    encoders = _planes(VideoReformatter().reformat(rgb_frame, 66, 48, s.codec_context.format,
+                                                   threads=s.codec_context.thread_count))
     for packet in s.encode():
         c.mux(packet)
     c.close()
     with VideoWriter(b, 25.0) as w:
         prepared = [w.prepare(f) for f in frames[:3]]  # before the first write: no state needed
+        assert prepared[0].size == (65, 47)
+        for mine, theirs in zip(_planes(prepared[0].frame), encoders, strict=True):
+            np.testing.assert_array_equal(mine, theirs)
         for p in prepared:
             w.write(p)
         for f in frames[3:]:
             w.write(f)
         with pytest.raises(RetargetError, match="the first was 65x47"):
             w.write(w.prepare(frames[0][:40]))
-    got_a = [f.rgb for f in open_video(a).frames()]
-    got_b = [f.rgb for f in open_video(b).frames()]
-    assert len(got_a) == len(got_b) == 6
-    for x, y in zip(got_a, got_b):
-        np.testing.assert_array_equal(x, y)
+    got_a = np.stack([f.rgb for f in open_video(a).frames()]).astype(int)
+    got_b = np.stack([f.rgb for f in open_video(b).frames()]).astype(int)
+    assert got_a.shape == got_b.shape == (6, 48, 66, 3)  # the even size both encoded
+    diff = np.abs(got_a - got_b)
+    assert (diff == 0).mean() > 0.9 and diff.mean() < 1.0, ((diff == 0).mean(), diff.mean())
