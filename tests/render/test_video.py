@@ -392,11 +392,6 @@ def test_other_colour_tags_go_through_swscale(tmp_path):
     assert np.abs(frame_to_rgb(frame).astype(int) - bt601).max() > 8
 
 
-def _planes(frame) -> list[np.ndarray]:
-    """A video frame's planes without their row padding."""
-    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].copy() for p in frame.planes]
-
-
 def test_prepared_frames_convert_exactly_as_the_encoder_converts_rgb(tmp_path):
     """VideoWriter converts frames to yuv420p itself (`prepare`, which may run in other threads):
     its planes equal, byte for byte, those of the conversion libx264's stream makes of an rgb24
@@ -415,23 +410,23 @@ def test_prepared_frames_convert_exactly_as_the_encoder_converts_rgb(tmp_path):
     s.width, s.height, s.pix_fmt = 66, 48, "yuv420p"
     s.codec_context.time_base = Fraction(1, 90000)
     s.options = {"crf": "18", "preset": "medium"}
-    for k, f in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(np.pad(f, ((0, 1), (0, 1), (0, 0)), mode="edge"), format="rgb24")
+    rgb_frames = [av.VideoFrame.from_ndarray(np.pad(f, ((0, 1), (0, 1), (0, 0)), mode="edge"), format="rgb24")
+                  for f in frames]
+    for k, frame in enumerate(rgb_frames):
         frame.pts, frame.time_base = round(k / 25 * 90000), s.codec_context.time_base
         for packet in s.encode(frame):
             c.mux(packet)
     # The call the stream's encode makes for a frame of another format (av/video/codeccontext).
-    rgb_frame = av.VideoFrame.from_ndarray(np.pad(frames[0], ((0, 1), (0, 1), (0, 0)), mode="edge"), format="rgb24")
-    encoders = _planes(VideoReformatter().reformat(rgb_frame, 66, 48, s.codec_context.format,
-                                                   threads=s.codec_context.thread_count))
+    encoders = VideoReformatter().reformat(rgb_frames[0], 66, 48, s.codec_context.format,
+                                           threads=s.codec_context.thread_count)
     for packet in s.encode():
         c.mux(packet)
     c.close()
     with VideoWriter(b, 25.0) as w:
         prepared = [w.prepare(f) for f in frames[:3]]  # before the first write: no state needed
         assert prepared[0].size == (65, 47)
-        for mine, theirs in zip(_planes(prepared[0].frame), encoders, strict=True):
-            np.testing.assert_array_equal(mine, theirs)
+        # yuv420p's to_ndarray: the Y, U and V planes stacked, row padding dropped.
+        np.testing.assert_array_equal(prepared[0].frame.to_ndarray(), encoders.to_ndarray())
         for p in prepared:
             w.write(p)
         for f in frames[3:]:
