@@ -6,6 +6,7 @@
     python bench/run.py --tiny                   # CPU smoke run: tiny weights, a short small clip (~1 min)
     python bench/run.py --ahead on,off           # each mode rendering while tracking, and after (serial)
     python bench/run.py --early-write on,off     # the video written while tracking (retarget.run.EARLY_WRITE), or after
+    python bench/run.py --writer process,thread  # paste-back + encode in a process of their own, or in the job's threads
 
 Inputs, made by the bench: a 1920x1080 driving clip at 25 fps with audio (the sample driving
 performance of retarget/samples.py, 1080 px square, drifting slowly across a 1080p canvas:
@@ -280,13 +281,14 @@ class CallLog:
 
 def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
              reference: dict | None = None, paste_back: bool = True, compile: str = "auto",
-             preset: str = "medium", early_write: bool = True) -> dict:
+             preset: str = "medium", early_write: bool = True, writer_process: bool = True) -> dict:
     """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
     reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches);
     paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads);
     compile: RunOptions.compile (the pipeline rate is then measured through the job's compiled batches);
     preset: the output's libx264 preset (render.video.X264_PRESET for this job); early_write:
-    retarget.run.EARLY_WRITE (the frames rendered ahead written into the video while tracking)."""
+    retarget.run.EARLY_WRITE (the frames rendered ahead written into the video while tracking);
+    writer_process: retarget.run.WRITER_PROCESS (paste-back and encoding in a process of their own)."""
     import torch
 
     import retarget.run as rr
@@ -320,6 +322,7 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     lines: list[str] = []
     kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
     kept_early, rr.EARLY_WRITE = rr.EARLY_WRITE, early_write
+    kept_writer, rr.WRITER_PROCESS = rr.WRITER_PROCESS, writer_process
     made: list = []  # the job's RenderAhead, for the times its batches began
     real_ahead = rr.RenderAhead
 
@@ -342,9 +345,10 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     finally:
         rr.RENDER_AHEAD = kept_setting
         rr.EARLY_WRITE = kept_early
+        rr.WRITER_PROCESS = kept_writer
         rr.RenderAhead = real_ahead
         video.X264_PRESET = kept_preset
-    row = {"mode": mode, "ahead": ahead, "early_write": early_write, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
+    row = {"mode": mode, "ahead": ahead, "early_write": early_write, "writer_process": writer_process, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
            "output_mb": out.stat().st_size / 2**20 if out.is_file() else None, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
@@ -396,6 +400,8 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
                            "job_s": [round(c, 4) for c in job_calls]}
     row["threads_s"] = {k: round(float(ostats[k]), 3) for k in ("save_s", "offer_wait_s", "take_wait_s", "load_s", "write_s",
                                                                  "encode_s") if k in ostats}
+    if writer_process and "encode_s" in row["threads_s"]:
+        del row["threads_s"]["encode_s"]  # the encoder ran in the writer process: not timed from here
     row["ratio"] = row["job_fps"] / row["pipeline_fps"]
     if isinstance(row["stages"].get("render"), float) and row["stages"]["render"] > 0:
         row["render_stage_fps"] = summary.frames / row["stages"]["render"]
@@ -516,6 +522,9 @@ def main(argv=None) -> int:
     ap.add_argument("--oom-only", action="store_true", help="only the out-of-memory check (GPU)")
     ap.add_argument("--ahead", default="on",
                     help="render while tracking (retarget.ahead): on, off or on,off to compare in one run (default on)")
+    ap.add_argument("--writer", default="process",
+                    help="where paste-back and encoding run (retarget.run.WRITER_PROCESS): process, thread or "
+                         "process,thread (default process)")
     ap.add_argument("--early-write", default="on",
                     help="write the video while tracking (retarget.run.EARLY_WRITE): on, off or on,off (default on)")
     ap.add_argument("--paste-back", default="on",
@@ -554,6 +563,9 @@ def main(argv=None) -> int:
 
     aheads = on_off("--ahead", args.ahead)
     earlies = on_off("--early-write", args.early_write)
+    writers = [{"process": True, "thread": False}.get(w) for w in args.writer.split(",") if w]
+    if not writers or None in writers:
+        ap.error("--writer: a comma-separated list of process, thread")
     presets = [p for p in args.x264_preset.split(",") if p]
     compiles = [c for c in args.compile.split(",") if c]
     if not compiles or set(compiles) - {"auto", "on", "off"}:
@@ -629,7 +641,7 @@ def main(argv=None) -> int:
                   flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants) * len(earlies)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants) * len(earlies) * len(writers)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
@@ -638,17 +650,19 @@ def main(argv=None) -> int:
                 first: dict = {}  # per --compile setting: its first row, whose pipeline rate the others reuse
                 pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
                 try:
-                    for comp, ahead, paste, preset, early in [(c, a, p, x, e) for c in compiles for a in aheads
-                                                              for p in pastes for x in presets for e in earlies]:
+                    for comp, ahead, paste, preset, early, wp in [
+                            (c, a, p, x, e, w) for c in compiles for a in aheads for p in pastes for x in presets
+                            for e in earlies for w in writers]:
                         row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
                                        reference=first.get(comp), paste_back=paste, compile=comp, preset=preset,
-                                       early_write=early)
+                                       early_write=early, writer_process=wp)
                         row["kernels"] = variant
                         first.setdefault(comp, row)
                         # As a cold `retarget run` would be: the models' load inside the job.
                         row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
                         info["rows"].append(row)
                         print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, early write {'on' if early else 'off'}, "
+                              f"writer {'process' if wp else 'threads'}, "
                               f"paste-back {'on' if paste else 'off'}, "
                               f"compile {comp}: {row['compile'] or '-'}, x264 {preset}): "
                               f"job {row['job_fps']:.2f} "
@@ -676,7 +690,7 @@ def main(argv=None) -> int:
     print(f"\n{info['device']}, {info['host_cpus']} CPUs, faces: {faces_note}"
           + (f", memory cap {args.memory_gb:g} GiB" if cap else ""))
     print(f"load {info['load_s']:.1f}s (not in the jobs), weights written in {info['weights_write_s']:.1f}s")
-    head = f"{'mode':26s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
+    head = f"{'mode':34s} {'frames':>6s} {'batch':>5s} {'job f/s':>8s} {'pipe f/s':>8s} {'ratio':>6s} {'+load':>6s} {'peak GiB':>8s}  stages (s)"
     print(head)
     for r in info["rows"]:
         stages = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
@@ -684,10 +698,11 @@ def main(argv=None) -> int:
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
         name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}{'' if r.get('paste_back', True) else ' crops'}"
                 f"{'' if r.get('early_write', True) else ' late-write'}"
+                f"{'' if r.get('writer_process', False) else ' threads'}"
                 f"{'' if r.get('compile_setting', 'auto') == 'auto' else ' compile ' + r['compile_setting']}"
                 f"{'' if r.get('x264_preset', 'medium') == 'medium' else ' ' + r['x264_preset']}"
                 f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")
-        print(f"{name:26s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
+        print(f"{name:34s} {r['frames']:6d} {r['batch']:5d} {r['job_fps']:8.2f} {r['pipeline_fps']:8.2f} "
               f"{r['ratio'] * 100:5.1f}% {r['ratio_with_load'] * 100:5.1f}% {peak}  {stages}")
     for s in info["skipped"]:
         print(f"skipped {s}")

@@ -418,6 +418,11 @@ class VideoWriter:
     def frames_written(self) -> int:
         return self._count
 
+    @property
+    def partial(self) -> Path:
+        """The temporary file written until `close` renames it onto `path` (it may not exist yet)."""
+        return self._tmp
+
     def _start(self, w: int, h: int) -> None:
         import av
 

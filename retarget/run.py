@@ -28,6 +28,7 @@ from retarget.ahead import RenderAhead
 from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.oom import FitSize, split_on_oom
 from retarget.overlap import Background
+from retarget.video_sink import pipe_paste  # noqa: F401 - the storyboard and sheet commands paste through it
 
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)
@@ -37,6 +38,9 @@ RENDER_AHEAD = True  # render the batches whose params are final while the clip 
 # Write the frames rendered ahead into the video while the clip is tracked (retarget.overlap.EarlyWriter):
 # a fast job's writer otherwise had every frame still to write when tracking ended (tests switch it).
 EARLY_WRITE = True
+# Paste back and encode in a process of the writer's own (retarget.sink_process): in this one, their
+# GIL time slowed a compiled renderer's calls (tests and bench/run.py --writer switch it).
+WRITER_PROCESS = True
 
 
 @dataclass
@@ -730,103 +734,26 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
     """The writer stage (arguments as `write_video`'s): a context manager whose value is
     write(i, face) for the aligned faces i = 0..T-1 in order; the outputs are renamed into
     place when it exits normally and deleted when it exits with an error. audio (file, None,
-    None): its range is set later, through the context manager's `video` (a VideoWriter)."""
-    from contextlib import ExitStack, contextmanager
-
-    from render.storyboard import save_image
-    from render.video import VideoWriter
+    None): its range is set later, through the context manager's `video` (set_audio_range).
+    In a process of its own (retarget.sink_process) unless WRITER_PROCESS is off or a preview
+    is written (its frames need the driving video, read in this process)."""
+    from retarget.sink_process import SinkProcess
+    from retarget.video_sink import VideoSink
 
     frames_dir = Path(opts.frames_dir) if opts.frames_dir else None
     if frames_dir:
         check_writable(frames_dir, "--frames-dir")
-    later = audio is not None and audio[1] is None  # (file, None, None): the range comes later (set_audio_range)
-    writer = VideoWriter(out, fps, audio_from=audio[0] if audio else None,  # checks now, opens on the first frame
-                         audio_start=audio[1] if audio and not later else 0.0,
-                         audio_end=audio[2] if audio and not later else None, audio_later=later)
-    pwriter = VideoWriter(preview[0], fps) if preview else None
-
-    @contextmanager
-    def sink():
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ExitStack() as stack:
-            stack.enter_context(writer)
-            if pwriter:
-                stack.enter_context(pwriter)
-            pool = None
-            if opts.paste_back:  # pasting the next frames overlaps encoding this one (cv2 and numpy release the GIL)
-                pool = ThreadPoolExecutor(PASTE_THREADS, thread_name_prefix="retarget-paste")
-                stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # on errors too: no thread left
-            pending: deque = deque()  # (frame index, future of its pasted frame), in frame order
-
-            def emit(i: int, frame: np.ndarray, prepared=None) -> None:
-                writer.write(frame if prepared is None else prepared)
-                if frames_dir:
-                    save_image(frames_dir / f"{i:06d}.png", frame)
-                if pwriter:
-                    pwriter.write(_preview_frame(next(preview[1]), frame, params[i], preview[2]))
-
-            def paste(face: np.ndarray):
-                # The encoder's colour conversion too, here: it was a third of the writer thread's time
-                # at 1080p, and swscale releases the GIL (bench/NOTES_run.md, 2026-12-04).
-                full = pipe_paste(r.actor_rgb, face, r.actor)
-                return full, writer.prepare(full)
-
-            def write(i: int, face: np.ndarray) -> None:
-                if pool is None:
-                    return emit(i, face)
-                pending.append((i, pool.submit(paste, face)))
-                if len(pending) > PASTE_AHEAD:
-                    j, pasted = pending.popleft()
-                    emit(j, *pasted.result())  # a paste-back error surfaces here, in frame order
-
-            yield write
-            while pending:  # the last frames (not reached when the job failed: the error skips this)
-                j, pasted = pending.popleft()
-                emit(j, *pasted.result())
-
-    cm = sink()
-    cm.video = writer  # the job's handle for set_audio_range (EarlyWriter)
-    return cm
-
-
-PASTE_THREADS = 2  # paste-back threads beside the encoder (the writer thread)
-PASTE_AHEAD = 4  # frames pasted ahead of the encoder: up to this many full-size frames more in memory
+    spec = VideoSink(out, fps, audio=audio, frames_dir=frames_dir,
+                     actor_rgb=r.actor_rgb if opts.paste_back else None,
+                     M=np.asarray(r.actor.M) if opts.paste_back else None, crop_size=int(r.actor.crop.shape[0]))
+    if WRITER_PROCESS and not preview:
+        spec.writer()  # its checks now, in this process: a bad output fails before any rendering
+        return SinkProcess(spec)
+    return spec.open(preview, params)
 
 
 def _bars(total: int, desc: str, initial: int):
     return _progress(total, desc, initial=initial)
-
-
-def _preview_frame(driving: np.ndarray, frame: np.ndarray, params: np.ndarray, flame) -> np.ndarray:
-    from render.preview import side_by_side
-
-    panels, labels = [driving, frame], ["driving", "output"]
-    if flame is not None:
-        from render.mesh import params_to_mesh_image
-
-        panels.append(params_to_mesh_image(flame, params, size=512))
-        labels.append("FLAME")
-    return side_by_side(panels, height=min(512, frame.shape[0]) // 2 * 2, labels=labels)
-
-
-_last_paster: tuple = ()  # (actor photo, actor, face size, render.paste.Paster) of the last call
-
-
-def pipe_paste(actor_rgb: np.ndarray, face: np.ndarray, actor) -> np.ndarray:
-    """The generated aligned face pasted into the full-resolution actor photo. The photo's share
-    of the work (mask, region, warped mask, colour statistics) is kept for the next call with
-    the same photo and actor (render.paste.Paster: the same pixels as paste_back, 2.5x faster
-    on a 1080p photo)."""
-    global _last_paster
-    from render.paste import Paster
-
-    kept = _last_paster
-    if not (kept and kept[0] is actor_rgb and kept[1] is actor and kept[2] == face.shape[0]):
-        kept = (actor_rgb, actor, face.shape[0], Paster(actor_rgb, actor.M, face.shape[0], crop_size=actor.crop.shape[0]))
-        _last_paster = kept  # one tuple replaced at once: safe for the writer thread and others
-    return kept[3].paste(face)
 
 
 def _track_span(opts: RunOptions, reader) -> tuple[float | None, float | None]:

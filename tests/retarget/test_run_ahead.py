@@ -262,15 +262,32 @@ def test_a_video_written_with_params_that_changed_is_written_again(inputs, tiny_
     _same_video(out, after_run)
 
 
-def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights, tmp_path, monkeypatch):
-    import retarget.ahead as ra
+WRITERS = [pytest.param(False, id="writer-threads"), pytest.param(True, id="writer-process")]
+
+
+def _writer_class(monkeypatch, in_process: bool):
+    """The class whose `write` takes each frame of the video in this process: the encoder's
+    (writer threads) or the one that hands it to the writer process."""
+    import retarget.run as run_mod
     from render.video import VideoWriter
+    from retarget.sink_process import SinkProcess
 
+    monkeypatch.setattr(run_mod, "WRITER_PROCESS", in_process)
+    return SinkProcess if in_process else VideoWriter
+
+
+@pytest.mark.parametrize("in_process", WRITERS)
+def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights, tmp_path, monkeypatch, in_process):
+    import multiprocessing as mp
+
+    import retarget.ahead as ra
+
+    writer_cls = _writer_class(monkeypatch, in_process)
     wrote = threading.Event()
-    write, observe = VideoWriter.write, ra.RenderAhead.observe
+    write, observe = writer_cls.write, ra.RenderAhead.observe
 
-    def counting_write(self, frame):
-        write(self, frame)
+    def counting_write(self, *frame):
+        write(self, *frame)
         wrote.set()
 
     def failing(self, times, rows, valid):
@@ -279,7 +296,7 @@ def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights,
             assert wrote.wait(120), "nothing was written to the video while the tracker waited"
             raise OSError("the driving clip's disk went away")
 
-    monkeypatch.setattr(VideoWriter, "write", counting_write)
+    monkeypatch.setattr(writer_cls, "write", counting_write)
     monkeypatch.setattr(ra.RenderAhead, "observe", failing)
     monkeypatch.setattr("tracking.tracker._auto_workers", lambda *_: 0)
     out = tmp_path / "out.mp4"
@@ -288,23 +305,27 @@ def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights,
     assert wrote.is_set()
     assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
     assert not [t for t in threading.enumerate() if t.name.startswith("retarget-write") and t.is_alive()]
+    assert not [p for p in mp.active_children() if p.name == "retarget-write"]
 
 
+@pytest.mark.parametrize("in_process", WRITERS)
 def test_a_failure_after_tracking_in_a_video_started_early_leaves_no_video(inputs, tiny_weights, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, in_process):
+    import multiprocessing as mp
+
     from render.errors import RetargetError
-    from render.video import VideoWriter
 
+    writer_cls = _writer_class(monkeypatch, in_process)
     _gate(monkeypatch, frames_first=8)
-    write, count = VideoWriter.write, [0]
+    write, count = writer_cls.write, [0]
 
-    def failing_write(self, frame):
+    def failing_write(self, *frame):
         count[0] += 1
         if count[0] == 27:  # after tracking: the job's writer goes on with the early video's sink
             raise RetargetError("cannot write out.mp4: disk full")
-        write(self, frame)
+        write(self, *frame)
 
-    monkeypatch.setattr(VideoWriter, "write", failing_write)
+    monkeypatch.setattr(writer_cls, "write", failing_write)
     lines = []
     out = tmp_path / "out.mp4"
     with pytest.raises(RetargetError, match="disk full"):
@@ -313,3 +334,4 @@ def test_a_failure_after_tracking_in_a_video_started_early_leaves_no_video(input
     assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
     assert not [t for t in threading.enumerate()
                 if t.name.startswith(("retarget-write", "retarget-paste", "retarget-save")) and t.is_alive()]
+    assert not [p for p in mp.active_children() if p.name == "retarget-write"]

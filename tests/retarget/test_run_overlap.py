@@ -137,9 +137,9 @@ def _decoded(path: Path) -> list[np.ndarray]:
 
 
 def test_paste_back_error_in_the_writer(inputs, track_file, tiny_weights, tmp_path, monkeypatch):
-    import retarget.run as run_mod
+    import retarget.video_sink as sink_mod
 
-    real = run_mod.pipe_paste
+    real = sink_mod.paste_into
     calls = {"n": 0}
 
     def failing(*a, **kw):
@@ -148,7 +148,7 @@ def test_paste_back_error_in_the_writer(inputs, track_file, tiny_weights, tmp_pa
             raise RetargetError("paste-back: alignment matrix is singular")
         return real(*a, **kw)
 
-    monkeypatch.setattr(run_mod, "pipe_paste", failing)
+    monkeypatch.setattr(sink_mod, "paste_into", failing)  # a preview: the writer runs in this process
     out = tmp_path / "out.mp4"
     with pytest.raises(RetargetError, match="singular"):
         run(*inputs, out, _opts(track_file, tmp_path, "out", preview="side-by-side"), weights=tiny_weights, **QUIET)
@@ -237,11 +237,14 @@ def test_missing_weight_file_fails_before_tracking(inputs, tiny_weights, tmp_pat
 
 def test_paste_back_runs_ahead_of_the_encoder(inputs, track_file, tiny_weights, tmp_path, monkeypatch):
     """Paste-back runs in its own threads, PASTE_AHEAD frames ahead of the encoder: while the encoder
-    is held on frame 0, the frames after it are pasted (event-driven: no timing); every thread ends."""
+    is held on frame 0, the frames after it are pasted (event-driven: no timing); every thread ends.
+    In this process (the writer process runs the same sink, retarget.video_sink)."""
     import retarget.run as run_mod
+    import retarget.video_sink as sink_mod
     from render.video import VideoWriter
 
-    real_paste, real_write = run_mod.pipe_paste, VideoWriter.write
+    monkeypatch.setattr(run_mod, "WRITER_PROCESS", False)
+    real_paste, real_write = sink_mod.paste_into, VideoWriter.write
     pasted, where = [], set()
     ahead = threading.Event()
 
@@ -249,7 +252,7 @@ def test_paste_back_runs_ahead_of_the_encoder(inputs, track_file, tiny_weights, 
         out = real_paste(*a, **kw)
         pasted.append(1)
         where.add(threading.current_thread().name.split("_")[0])
-        if len(pasted) == run_mod.PASTE_AHEAD + 1:
+        if len(pasted) == sink_mod.PASTE_AHEAD + 1:
             ahead.set()
         return out
 
@@ -259,10 +262,32 @@ def test_paste_back_runs_ahead_of_the_encoder(inputs, track_file, tiny_weights, 
             assert ahead.wait(30), f"only {len(pasted)} frames pasted while the encoder waited on frame 0"
         return real_write(self, frame)
 
-    monkeypatch.setattr(run_mod, "pipe_paste", paste)
+    monkeypatch.setattr(sink_mod, "paste_into", paste)
     monkeypatch.setattr(VideoWriter, "write", write)
     out = tmp_path / "out.mp4"
     summary = run(*inputs, out, _opts(track_file, tmp_path, "out"), weights=tiny_weights, **QUIET)
-    assert out.is_file() and len(pasted) == summary.frames > run_mod.PASTE_AHEAD + 1
+    assert out.is_file() and len(pasted) == summary.frames > sink_mod.PASTE_AHEAD + 1
     assert where == {"retarget-paste"}
     assert not [t for t in threading.enumerate() if t.name.startswith("retarget-")]
+
+
+def test_the_writer_process_and_the_writer_threads_write_the_same_job(inputs, track_file, tiny_weights, tmp_path,
+                                                                      monkeypatch):
+    """retarget.run.WRITER_PROCESS: the job's video and --frames-dir from a writer process of its own
+    (the default) and from threads of the job's process."""
+    import retarget.run as run_mod
+    from retarget.sink_process import SinkProcess
+
+    started = []
+    real_enter = SinkProcess.__enter__
+    monkeypatch.setattr(SinkProcess, "__enter__", lambda self: started.append(1) or real_enter(self))
+    got = {}
+    for name, where in (("process", True), ("threads", False)):
+        monkeypatch.setattr(run_mod, "WRITER_PROCESS", where)
+        run(*inputs, tmp_path / f"{name}.mp4", _opts(track_file, tmp_path, name), weights=tiny_weights, **QUIET)
+        got[name] = _pngs(tmp_path / f"{name}.frames"), np.stack(_decoded(tmp_path / f"{name}.mp4"))
+        assert len(started) == 1  # the process for the first job only
+    _assert_same(got["process"][0], got["threads"][0])  # lossless PNGs of the pasted frames: exact
+    a, b = got["process"][1], got["threads"][1]
+    # x264 may decide a few macroblocks differently across two encodes (CI's CPU): a bound on the video
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
