@@ -281,14 +281,16 @@ class CallLog:
 
 def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, work: Path, *, ahead: bool = True,
              reference: dict | None = None, paste_back: bool = True, compile: str = "auto",
-             preset: str = "medium", early_write: bool = True, writer_process: bool = True) -> dict:
+             preset: str = "medium", early_write: bool = True, writer_process: bool = True,
+             writer_nice: int = 10) -> dict:
     """One whole job in `mode`; ahead: retarget.run.RENDER_AHEAD (render while tracking) for it;
     reference: an earlier row of the same mode whose pipeline rate is reused (same frames, batches);
     paste_back: RunOptions.paste_back (off: the 512 px crops are encoded, no paste-back threads);
     compile: RunOptions.compile (the pipeline rate is then measured through the job's compiled batches);
     preset: the output's libx264 preset (render.video.X264_PRESET for this job); early_write:
     retarget.run.EARLY_WRITE (the frames rendered ahead written into the video while tracking);
-    writer_process: retarget.run.WRITER_PROCESS (paste-back and encoding in a process of their own)."""
+    writer_process: retarget.run.WRITER_PROCESS (paste-back and encoding in a process of their own);
+    writer_nice: that process's niceness (retarget.sink_process.WRITER_NICE)."""
     import torch
 
     import retarget.run as rr
@@ -323,6 +325,9 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
     kept_setting, rr.RENDER_AHEAD = rr.RENDER_AHEAD, ahead
     kept_early, rr.EARLY_WRITE = rr.EARLY_WRITE, early_write
     kept_writer, rr.WRITER_PROCESS = rr.WRITER_PROCESS, writer_process
+    from retarget import sink_process
+
+    kept_nice, sink_process.WRITER_NICE = sink_process.WRITER_NICE, writer_nice
     made: list = []  # the job's RenderAhead, for the times its batches began
     real_ahead = rr.RenderAhead
 
@@ -346,9 +351,11 @@ def one_mode(mode: str, frames: int, pipe, inputs, weights, args, device: str, w
         rr.RENDER_AHEAD = kept_setting
         rr.EARLY_WRITE = kept_early
         rr.WRITER_PROCESS = kept_writer
+        sink_process.WRITER_NICE = kept_nice
         rr.RenderAhead = real_ahead
         video.X264_PRESET = kept_preset
-    row = {"mode": mode, "ahead": ahead, "early_write": early_write, "writer_process": writer_process, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
+    row = {"mode": mode, "ahead": ahead, "early_write": early_write, "writer_process": writer_process,
+           "writer_nice": writer_nice if writer_process else None, "paste_back": paste_back, "compile_setting": compile, "x264_preset": preset,
            "output_mb": out.stat().st_size / 2**20 if out.is_file() else None, "ahead_log": [l for l in lines if "while tracking (" in l], "frames": summary.frames, "steps": call["steps"], "guidance": call["guidance"],
            "scheduler": call["scheduler"], "job_s": job_s, "job_fps": summary.frames / job_s,
            "auto_batch": not args.batch}
@@ -525,6 +532,8 @@ def main(argv=None) -> int:
     ap.add_argument("--writer", default="process",
                     help="where paste-back and encoding run (retarget.run.WRITER_PROCESS): process, thread or "
                          "process,thread (default process)")
+    ap.add_argument("--writer-nice", default="10", metavar="N,...",
+                    help="the writer process's niceness (retarget.sink_process.WRITER_NICE), e.g. 10,0,10 (default 10)")
     ap.add_argument("--early-write", default="on",
                     help="write the video while tracking (retarget.run.EARLY_WRITE): on, off or on,off (default on)")
     ap.add_argument("--paste-back", default="on",
@@ -566,6 +575,12 @@ def main(argv=None) -> int:
     writers = [{"process": True, "thread": False}.get(w) for w in args.writer.split(",") if w]
     if not writers or None in writers:
         ap.error("--writer: a comma-separated list of process, thread")
+    try:
+        nices = [int(v) for v in args.writer_nice.split(",") if v]
+    except ValueError:
+        nices = []
+    if not nices:
+        ap.error("--writer-nice: a comma-separated list of integers")
     presets = [p for p in args.x264_preset.split(",") if p]
     compiles = [c for c in args.compile.split(",") if c]
     if not compiles or set(compiles) - {"auto", "on", "off"}:
@@ -641,7 +656,7 @@ def main(argv=None) -> int:
                   flush=True)
         for mode in [] if args.oom_only else modes:
             left = args.deadline - (time.perf_counter() - start)
-            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants) * len(earlies) * len(writers)
+            estimate = (frames[mode] * (GPU_SECONDS_PER_FRAME[mode] if not args.tiny else 0.0) + 20) * len(aheads) * len(pastes) * len(compiles) * len(presets) * len(variants) * len(earlies) * len(writers) * len(nices)
             if not args.tiny and estimate > left:
                 info["skipped"].append(f"{mode}: estimated {estimate:.0f}s, {left:.0f}s left of --deadline")
                 print(f"skipping {mode} mode: estimated {estimate:.0f}s > {left:.0f}s left", flush=True)
@@ -650,19 +665,19 @@ def main(argv=None) -> int:
                 first: dict = {}  # per --compile setting: its first row, whose pipeline rate the others reuse
                 pipe.kernels = KernelOptions(**({} if variant == "default" else {variant: True}))
                 try:
-                    for comp, ahead, paste, preset, early, wp in [
-                            (c, a, p, x, e, w) for c in compiles for a in aheads for p in pastes for x in presets
-                            for e in earlies for w in writers]:
+                    for comp, ahead, paste, preset, early, wp, nice in [
+                            (c, a, p, x, e, w, n) for c in compiles for a in aheads for p in pastes for x in presets
+                            for e in earlies for w in writers for n in (nices if w else nices[:1])]:
                         row = one_mode(mode, frames[mode], pipe, inputs, layout, args, device, work, ahead=ahead,
                                        reference=first.get(comp), paste_back=paste, compile=comp, preset=preset,
-                                       early_write=early, writer_process=wp)
+                                       early_write=early, writer_process=wp, writer_nice=nice)
                         row["kernels"] = variant
                         first.setdefault(comp, row)
                         # As a cold `retarget run` would be: the models' load inside the job.
                         row["ratio_with_load"] = row["frames"] / (row["job_s"] + info["load_s"]) / row["pipeline_fps"]
                         info["rows"].append(row)
                         print(f"{mode} ({variant}, ahead {'on' if ahead else 'off'}, early write {'on' if early else 'off'}, "
-                              f"writer {'process' if wp else 'threads'}, "
+                              f"writer {f'process (nice {nice})' if wp else 'threads'}, "
                               f"paste-back {'on' if paste else 'off'}, "
                               f"compile {comp}: {row['compile'] or '-'}, x264 {preset}): "
                               f"job {row['job_fps']:.2f} "
@@ -698,7 +713,7 @@ def main(argv=None) -> int:
         peak = f"{r['peak_reserved_gib']:8.2f}" if "peak_reserved_gib" in r else f"{'-':>8s}"
         name = (f"{r['mode']}{'' if r.get('ahead', True) else ' (serial)'}{'' if r.get('paste_back', True) else ' crops'}"
                 f"{'' if r.get('early_write', True) else ' late-write'}"
-                f"{'' if r.get('writer_process', False) else ' threads'}"
+                f"{' threads' if not r.get('writer_process', False) else '' if r.get('writer_nice') == 10 else ' nice ' + str(r.get('writer_nice'))}"
                 f"{'' if r.get('compile_setting', 'auto') == 'auto' else ' compile ' + r['compile_setting']}"
                 f"{'' if r.get('x264_preset', 'medium') == 'medium' else ' ' + r['x264_preset']}"
                 f"{'' if r.get('kernels', 'default') == 'default' else ' ' + r['kernels']}")

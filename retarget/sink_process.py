@@ -31,6 +31,9 @@ import numpy as np
 
 from render.errors import RetargetError
 
+# The writer process's niceness: it only has to keep up on average, while the render loop's thread
+# must get a core the moment it wants one (x264 alone starts 1.5 threads per core).
+WRITER_NICE = 10
 JOIN_S = 30.0  # how long exit waits for the child to finish the video (x264's flush) before stopping it
 
 
@@ -51,7 +54,8 @@ class SinkProcess:
     def __enter__(self):
         ctx = mp.get_context("spawn")  # never fork a process that holds CUDA and threads
         mine, theirs = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_serve, args=(self.spec, theirs), name="retarget-write", daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(self.spec, theirs, WRITER_NICE), name="retarget-write",
+                                 daemon=True)
         self._proc.start()
         theirs.close()
         self._conn = mine
@@ -176,9 +180,17 @@ def _picklable(e: BaseException) -> bytes:
         return pickle.dumps(RetargetError(f"video writer: {type(e).__name__}: {e}"))
 
 
-def _serve(spec, conn) -> None:
-    """The child: frames from `conn` through `spec.open()`'s sink until "close" or "abort"."""
+def _serve(spec, conn, nice: int = 0) -> None:
+    """The child: frames from `conn` through `spec.open()`'s sink until "close" or "abort", at
+    niceness `nice` (raised by that much; its threads, x264's too, inherit it)."""
+    import os
     import signal
+
+    if nice:
+        try:
+            os.nice(nice)
+        except (OSError, AttributeError):  # not allowed, or not POSIX: the same video, just not yielding
+            pass
 
     # Ctrl-C reaches the whole process group: the parent decides (it sends "abort"), so the video is
     # never cut off here while the job still saves its frames for --resume.

@@ -129,3 +129,20 @@ def test_a_bad_output_fails_in_the_writer_process_before_any_frame(tmp_path, fac
     with pytest.raises(RetargetError, match="does not exist"):
         _write(SinkProcess(spec), faces[:2])
     assert not _writer_processes()
+
+
+def test_the_writer_process_yields_the_cpu_to_the_render_loop(tmp_path, faces):
+    """It runs WRITER_NICE steps nicer than the job (x264's threads with it): the render loop's
+    thread gets a core first."""
+    from retarget import sink_process
+
+    spec = _spec(tmp_path, "nice")
+    sink = SinkProcess(spec)
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + sink_process.WRITER_NICE)
+    with sink as write:
+        write(0, faces[0])
+        deadline = time.monotonic() + 30
+        while os.getpriority(os.PRIO_PROCESS, sink._proc.pid) != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.getpriority(os.PRIO_PROCESS, sink._proc.pid) == want
+    assert spec.out.is_file()
