@@ -202,19 +202,28 @@ def test_unwritable_output_folder(inputs, tiny_weights, tmp_path):
         run(drive, actor, out, RunOptions(device="cpu"), weights=tiny_weights, log=lambda *_: None)
 
 
-def test_disk_full_leaves_no_output(inputs, track_file, tiny_weights, tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_process", [False, True], ids=["writer-threads", "writer-process"])
+def test_disk_full_leaves_no_output(inputs, track_file, tiny_weights, tmp_path, monkeypatch, in_process):
+    """The disk fills at frame 3: in the encoder (writer threads), or as the writer process's error
+    arrives (retarget.sink_process re-raises the child's OSError; test_sink_process checks it comes
+    back with its errno)."""
     import render.video as video
+    import retarget.run as run_mod
+    from retarget.sink_process import SinkProcess
 
     drive, actor = inputs
     out = tmp_path / "out.mp4"
-    real_write = video.VideoWriter.write
+    monkeypatch.setattr(run_mod, "WRITER_PROCESS", in_process)
+    cls = SinkProcess if in_process else video.VideoWriter
+    real_write, count = cls.write, [0]
 
     def full_disk(self, *a, **kw):
-        if self.frames_written == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp))
+        count[0] += 1
+        if count[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", "out.mp4")
         return real_write(self, *a, **kw)
 
-    monkeypatch.setattr(video.VideoWriter, "write", full_disk)
+    monkeypatch.setattr(cls, "write", full_disk)
     with pytest.raises(OSError):
         run(drive, actor, out, _opts(track_file, end=0.4), weights=tiny_weights, log=lambda *_: None)
     assert not out.exists()

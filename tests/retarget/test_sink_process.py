@@ -146,3 +146,20 @@ def test_the_writer_process_yields_the_cpu_to_the_render_loop(tmp_path, faces):
             time.sleep(0.02)
         assert os.getpriority(os.PRIO_PROCESS, sink._proc.pid) == want
     assert spec.out.is_file()
+
+
+def test_the_writer_process_errors_come_back_as_they_were_raised():
+    """What the child sends: an OSError keeps its errno (the CLI says "disk full" from it); an
+    error that cannot be pickled comes back as one RetargetError naming it."""
+    import errno
+
+    from retarget.sink_process import _exception, _picklable
+
+    back = _exception(_picklable(OSError(errno.ENOSPC, "No space left on device", "out.mp4")))
+    assert isinstance(back, OSError) and back.errno == errno.ENOSPC and back.filename == "out.mp4"
+
+    class Local(Exception):  # defined here: the parent could not import it by name
+        pass
+
+    back = _exception(_picklable(Local("x264 broke")))
+    assert isinstance(back, RetargetError) and "Local: x264 broke" in str(back)
