@@ -746,7 +746,7 @@ def _video_sink(r: Rendering, params: np.ndarray, opts: RunOptions, *, out: Path
     spec = VideoSink(out, fps, audio=audio, frames_dir=frames_dir,
                      actor_rgb=r.actor_rgb if opts.paste_back else None,
                      M=np.asarray(r.actor.M) if opts.paste_back else None, crop_size=int(r.actor.crop.shape[0]))
-    if WRITER_PROCESS and not preview:
+    if WRITER_PROCESS and not preview and os.name == "posix":  # the child gets its socket by fd (pass_fds)
         spec.writer()  # its checks now, in this process: a bad output fails before any rendering
         return SinkProcess(spec)
     return spec.open(preview, params)

@@ -8,7 +8,8 @@ loop waits for it. A compiled fast-mode renderer is Python-bound enough to notic
 13% slower after tracking than alone on an H100 (bench/NOTES_run.md, 2026-12-07). Here the parent
 pays one pipe write of the face (0.8 MB at 512 px) per frame.
 
-    parent (writer thread)            child (spawned; imports no torch)
+    parent (writer thread)            child (`python -c`, started with one socket; imports no torch)
+    --(the spec, pickled)-->                                 sink = spec.open()
     write(i, face) --("frame", i, shape, dtype) + bytes-->  sink's write(i, face)
     video.set_audio_range(a, b) --("audio", a, b)-->         sink.video.set_audio_range(a, b)
     exit normally  --("close")-->  sink exits normally (outputs renamed in)  --("done")-->
@@ -17,14 +18,22 @@ pays one pipe write of the face (0.8 MB at 512 px) per frame.
 Bounded memory: the pipe's buffer and the child's sink (PASTE_AHEAD frames); a parent that runs
 ahead blocks in its write. An error in the child is sent back, the child then only drains frames
 until told to stop, and the parent raises the error at its next write or at exit; a child that
-dies gives one clear RetargetError (its output is never left half-written: VideoWriter writes
-to a temporary name, and a spawned child gets no signal handlers of ours to skip its cleanup).
+dies gives one clear RetargetError and its temporary file is deleted here.
+
+The child is a fresh interpreter (subprocess, not multiprocessing's spawn): spawn re-runs the
+caller's main script in the child, so a user's script without an `if __name__ == "__main__":`
+guard ran its whole job again inside the writer and the parent waited for it.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
 import pickle
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +44,21 @@ from render.errors import RetargetError
 # must get a core the moment it wants one (x264 alone starts 1.5 threads per core).
 WRITER_NICE = 10
 JOIN_S = 30.0  # how long exit waits for the child to finish the video (x264's flush) before stopping it
+_CHILD = ("import json, os, sys; sys.path[:0] = json.loads(os.environ.pop('RETARGET_WRITER_PATH')); "
+          "from retarget.sink_process import _main; _main(int(sys.argv[1]), int(sys.argv[2]))")
+_running: set = set()  # the writer processes started here that have not been waited for (`running`)
+
+
+def running() -> list[int]:
+    """Process ids of the writer processes of this process that are still running."""
+    for p in [p for p in _running if p.poll() is not None]:
+        _running.discard(p)
+    return sorted(p.pid for p in _running)
 
 
 class SinkProcess:
     """`spec.open()` (a picklable object whose `open()` gives a sink: a context manager whose value
-    is write(i, image) for i in order; `spec.fps`: its frame rate) run in a spawned child. Used as
+    is write(i, image) for i in order; `spec.fps`: its frame rate) run in a child process. Used as
     the sink itself: entering starts the child and gives write(i, image) for (H, W, 3) uint8
     images; `video` forwards `set_audio_range` (the job's early writer) and has `fps`."""
 
@@ -52,13 +71,14 @@ class SinkProcess:
         self._partials: list[Path] = []  # the child's temporary files: deleted here if it dies
 
     def __enter__(self):
-        ctx = mp.get_context("spawn")  # never fork a process that holds CUDA and threads
-        mine, theirs = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_serve, args=(self.spec, theirs, WRITER_NICE), name="retarget-write",
-                                 daemon=True)
-        self._proc.start()
-        theirs.close()
-        self._conn = mine
+        mine, theirs = socket.socketpair()
+        env = dict(os.environ, RETARGET_WRITER_PATH=json.dumps(sys.path))
+        with theirs:  # never fork a process that holds CUDA and threads: a new interpreter
+            self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(theirs.fileno()), str(WRITER_NICE)],
+                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+        _running.add(self._proc)
+        self._conn = Connection(mine.detach())
+        self._send(("spec", pickle.dumps(self.spec)))
         return self.write
 
     def write(self, i: int, image: np.ndarray) -> None:
@@ -130,7 +150,7 @@ class SinkProcess:
             except (EOFError, OSError):
                 pass
             else:
-                if self._proc.is_alive():
+                if self._proc.poll() is None:
                     continue
             if self._error is None:
                 self._error = self._died()
@@ -138,8 +158,7 @@ class SinkProcess:
 
     def _died(self) -> RetargetError:
         self._pump()
-        self._proc.join(5.0)
-        code = self._proc.exitcode
+        code = _wait(self._proc, 5.0)
         for p in self._partials:  # what a killed child could not clean up
             p.unlink(missing_ok=True)
         return RetargetError(f"the video writer process ended unexpectedly (exit code {code}); "
@@ -147,10 +166,10 @@ class SinkProcess:
 
     def _stop(self) -> None:
         self._conn.close()  # a child still draining frames sees the end of the pipe
-        self._proc.join(JOIN_S)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5.0)
+        if _wait(self._proc, JOIN_S) is None:
+            self._proc.kill()
+            _wait(self._proc, 5.0)
+        _running.discard(self._proc)
 
 
 class _RemoteVideo:
@@ -180,10 +199,22 @@ def _picklable(e: BaseException) -> bytes:
         return pickle.dumps(RetargetError(f"video writer: {type(e).__name__}: {e}"))
 
 
-def _serve(spec, conn, nice: int = 0) -> None:
-    """The child: frames from `conn` through `spec.open()`'s sink until "close" or "abort", at
-    niceness `nice` (raised by that much; its threads, x264's too, inherit it)."""
-    import os
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit code (negative: the signal that ended it), or None if still running."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _main(fd: int, nice: int) -> None:
+    """The child's entry: the socket `fd` to the parent, niceness raised by `nice`."""
+    _serve(Connection(fd), nice)
+
+
+def _serve(conn, nice: int = 0) -> None:
+    """The child: the spec, then frames from `conn` through `spec.open()`'s sink until "close" or
+    "abort", at niceness `nice` (raised by that much; its threads, x264's too, inherit it)."""
     import signal
 
     if nice:
@@ -197,7 +228,10 @@ def _serve(spec, conn, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     closing = False
     try:
-        sink = spec.open()
+        msg = conn.recv()
+        if msg[0] != "spec":
+            return
+        sink = pickle.loads(msg[1]).open()
         partial = getattr(getattr(sink, "video", None), "partial", None)
         if partial is not None:
             _reply(conn, ("partial", str(partial)))

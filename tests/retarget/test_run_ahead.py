@@ -278,7 +278,7 @@ def _writer_class(monkeypatch, in_process: bool):
 
 @pytest.mark.parametrize("in_process", WRITERS)
 def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights, tmp_path, monkeypatch, in_process):
-    import multiprocessing as mp
+    from retarget.sink_process import running
 
     import retarget.ahead as ra
 
@@ -305,13 +305,13 @@ def test_a_failure_after_the_video_started_leaves_no_video(inputs, tiny_weights,
     assert wrote.is_set()
     assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
     assert not [t for t in threading.enumerate() if t.name.startswith("retarget-write") and t.is_alive()]
-    assert not [p for p in mp.active_children() if p.name == "retarget-write"]
+    assert not running()  # no writer process left
 
 
 @pytest.mark.parametrize("in_process", WRITERS)
 def test_a_failure_after_tracking_in_a_video_started_early_leaves_no_video(inputs, tiny_weights, tmp_path,
                                                                           monkeypatch, in_process):
-    import multiprocessing as mp
+    from retarget.sink_process import running
 
     from render.errors import RetargetError
 
@@ -334,4 +334,4 @@ def test_a_failure_after_tracking_in_a_video_started_early_leaves_no_video(input
     assert [p.name for p in tmp_path.iterdir() if p.name != ".out.mp4.work"] == []  # no out.mp4, no partial file
     assert not [t for t in threading.enumerate()
                 if t.name.startswith(("retarget-write", "retarget-paste", "retarget-save")) and t.is_alive()]
-    assert not [p for p in mp.active_children() if p.name == "retarget-write"]
+    assert not running()  # no writer process left

@@ -4,7 +4,6 @@ clearly, with no output and no temporary file left, and the process gone."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -58,8 +57,10 @@ def _leftovers(tmp: Path) -> list[Path]:
     return [p for p in tmp.rglob("*") if ".partial-" in p.name]
 
 
-def _writer_processes() -> list:
-    return [p for p in mp.active_children() if p.name == "retarget-write"]
+def _writer_processes() -> list[int]:
+    from retarget.sink_process import running
+
+    return running()
 
 
 def test_the_writer_process_writes_what_this_process_writes(tmp_path, astronaut_rgb, faces, sample_inputs):
@@ -90,7 +91,7 @@ def test_an_error_in_the_writer_process_is_raised_here_and_leaves_nothing(tmp_pa
     with pytest.raises(RetargetError, match="the first was 128x128"):
         _write(sink, odd)
     assert not spec.out.exists() and not _leftovers(tmp_path) and not _writer_processes()
-    assert not sink._proc.is_alive() and sink._proc.exitcode == 0  # it ended by itself
+    assert sink._proc.poll() == 0  # it ended by itself
 
 
 def test_an_error_in_the_job_drops_the_video_and_ends_the_process(tmp_path, faces):
@@ -118,7 +119,7 @@ def test_a_killed_writer_process_is_one_clear_error_and_leaves_nothing(tmp_path,
                 time.sleep(0.02)
             assert _leftovers(tmp_path), "the writer process never opened its temporary file"
             os.kill(sink._proc.pid, signal.SIGKILL)
-            sink._proc.join(30)
+            sink._proc.wait(30)
             for k in range(len(faces)):
                 write(i + k, faces[k])
     assert not spec.out.exists() and not _leftovers(tmp_path) and not _writer_processes()
@@ -163,3 +164,26 @@ def test_the_writer_process_errors_come_back_as_they_were_raised():
 
     back = _exception(_picklable(Local("x264 broke")))
     assert isinstance(back, RetargetError) and "Local: x264 broke" in str(back)
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    """The writer process is a fresh interpreter, not multiprocessing's spawn (which re-runs the
+    caller's main script in the child: an unguarded script's job ran again inside the writer)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from retarget.sink_process import SinkProcess\n"
+        "from retarget.video_sink import VideoSink\n"
+        "print('top level ran', flush=True)\n"
+        "with SinkProcess(VideoSink('out.mp4', 10.0)) as write:\n"
+        "    for i in range(3):\n"
+        "        write(i, np.full((64, 64, 3), 40 * i, np.uint8))\n")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("top level ran") == 1
+    assert (tmp_path / "out.mp4").is_file()
