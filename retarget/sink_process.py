@@ -169,6 +169,8 @@ class SinkProcess:
         if _wait(self._proc, JOIN_S) is None:
             self._proc.kill()
             _wait(self._proc, 5.0)
+            for p in self._partials:  # killed here: it could not clean up
+                p.unlink(missing_ok=True)
         _running.discard(self._proc)
 
 
