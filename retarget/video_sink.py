@@ -4,7 +4,7 @@
 `VideoSink` holds what the stage needs and nothing of the models, so it pickles: `open()` builds
 the stage in this process (paste-back threads beside the encoder), and `retarget.sink_process`
 builds the very same stage in a process of its own, where paste-back, colour conversion and x264
-take no GIL time from the render loop. No torch here: a spawned writer process starts in a
+take no GIL time from the render loop. No torch here: a writer process starts in a
 fraction of a second.
 """
 
