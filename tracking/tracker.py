@@ -303,6 +303,7 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
                                      pool=own_pool, stats=stats)
         return
     from concurrent.futures import wait
+    from concurrent.futures.process import BrokenProcessPool
 
     every = max(1, int(redetect_every))
     chunk_len = every * -(-8 // every)  # >= 8 frames a task: fewer round trips
@@ -358,6 +359,8 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
             submit()
         while window:
             yield from collect()
+    except BrokenProcessPool:
+        raise RetargetError(WORKERS_BROKE) from None
     finally:
         if ring is not None:
             # Stopped early or failed: no worker may read a slot after the ring is gone.
@@ -367,6 +370,10 @@ def detect_stream(frames: Iterator[VideoFrame], backend, *, workers: int = 0,
             wait(futures)
             ring.close()
 
+
+WORKERS_BROKE = ("the face-finding worker processes stopped; if a Python script calls retarget, put its "
+                 "top level under `if __name__ == \"__main__\":` (each worker process imports the script "
+                 "again), or use detect_workers=0 (--detect-workers 0)")
 
 # Worker processes take a second or two to start and cost a frame copy each; below these,
 # one process is as fast (measured: bench/results/tracking_cpu_*.json, 2 cores).

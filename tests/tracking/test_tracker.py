@@ -188,6 +188,18 @@ def test_parallel_chunks_equal_sequential_tracking(decoded):
             np.testing.assert_array_equal(fa.bbox, fb.bbox)
 
 
+def test_worker_processes_that_die_at_their_start_are_one_clear_error(decoded):
+    """A worker that exits while starting (as one does when an unguarded caller script, imported
+    again in it, starts a job of its own) is a RetargetError naming the fix, not BrokenProcessPool."""
+    import functools
+    import os
+
+    from render.errors import RetargetError
+
+    with pytest.raises(RetargetError, match="__name__ == .__main__.*--detect-workers 0"):
+        list(detect_stream(iter(decoded), None, workers=1, redetect_every=3, factory=functools.partial(os._exit, 3)))
+
+
 def test_parallel_frames_of_other_sizes_and_early_stop(decoded, monkeypatch):
     """Chunks go through the shared-memory ring; a chunk holding a frame of another size
     (a folder of mixed images) is pickled instead, with the same faces. A consumer that stops
