@@ -28,7 +28,6 @@ from retarget.ahead import RenderAhead
 from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.oom import FitSize, split_on_oom
 from retarget.overlap import Background
-from retarget.video_sink import pipe_paste  # noqa: F401 - the storyboard and sheet commands paste through it
 
 MANIFEST = "manifest.json"
 TRACK_CACHE = "drive.track.npz"  # the driving track, kept for --resume (it records the range it covers)

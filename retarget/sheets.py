@@ -14,9 +14,10 @@ import numpy as np
 from render.errors import RetargetError
 from retarget.diskspace import check_free_space, estimate_run_bytes
 from retarget.run import (
-    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, output_size, pipe_paste,
+    RunOptions, RunSummary, WorkFolder, check_output_name, check_outputs, check_writable, output_size,
     prepare_rendering, read_image, render_to_work, run_stages,
 )
+from retarget.video_sink import pipe_paste
 
 
 def _parse_list(spec: str | None, kind, what: str) -> list:

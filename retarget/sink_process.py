@@ -60,11 +60,13 @@ class SinkProcess:
     """`spec.open()` (a picklable object whose `open()` gives a sink: a context manager whose value
     is write(i, image) for i in order; `spec.fps`: its frame rate) run in a child process. Used as
     the sink itself: entering starts the child and gives write(i, image) for (H, W, 3) uint8
-    images; `video` forwards `set_audio_range` (the job's early writer) and has `fps`."""
+    images. `video` is this object (the job's early writer asks a sink's `video` for `fps` and
+    `set_audio_range`, which a VideoSink's VideoWriter has; here they go to the child's)."""
 
     def __init__(self, spec):
         self.spec = spec
-        self.video = _RemoteVideo(self)
+        self.fps = float(spec.fps)
+        self.video = self
         self._conn = None
         self._proc = None
         self._error: BaseException | None = None
@@ -147,11 +149,10 @@ class SinkProcess:
                     if msg[0] in ("done", "error"):
                         return
                     continue
-            except (EOFError, OSError):
-                pass
-            else:
                 if self._proc.poll() is None:
                     continue
+            except (EOFError, OSError):
+                pass
             if self._error is None:
                 self._error = self._died()
             return
@@ -159,8 +160,7 @@ class SinkProcess:
     def _died(self) -> RetargetError:
         self._pump()
         code = _wait(self._proc, 5.0)
-        for p in self._partials:  # what a killed child could not clean up
-            p.unlink(missing_ok=True)
+        self._drop_partials()
         return RetargetError(f"the video writer process ended unexpectedly (exit code {code}); "
                              f"{self.spec.out} was not written")
 
@@ -169,20 +169,12 @@ class SinkProcess:
         if _wait(self._proc, JOIN_S) is None:
             self._proc.kill()
             _wait(self._proc, 5.0)
-            for p in self._partials:  # killed here: it could not clean up
-                p.unlink(missing_ok=True)
+            self._drop_partials()
         _running.discard(self._proc)
 
-
-class _RemoteVideo:
-    """The child's VideoWriter as the job sees it: its frame rate, and `set_audio_range`."""
-
-    def __init__(self, owner: SinkProcess):
-        self._owner = owner
-        self.fps = float(owner.spec.fps)
-
-    def set_audio_range(self, start_s: float, end_s: float) -> None:
-        self._owner.set_audio_range(start_s, end_s)
+    def _drop_partials(self) -> None:
+        for p in self._partials:  # a killed child cannot delete its temporary files
+            p.unlink(missing_ok=True)
 
 
 def _exception(blob: bytes) -> BaseException:

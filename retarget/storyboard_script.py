@@ -271,8 +271,9 @@ def render_script(actor_path: str | os.PathLike, script: Script, out_dir: str | 
     """
     from render.storyboard import save_image, storyboard
     from retarget.run import (
-        RunOptions, check_writable, pipe_paste, prepare_rendering, read_image, require_render_weights,
+        RunOptions, check_writable, prepare_rendering, read_image, require_render_weights,
     )
+    from retarget.video_sink import pipe_paste
     from retarget.sources import check_sources, input_paths, resolve_sources
     from retarget.weights import WeightsLayout
 

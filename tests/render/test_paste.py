@@ -216,11 +216,11 @@ def test_paster_reused_for_many_faces_equals_paste_back(astronaut_rgb):
 
 
 def test_run_paste_keeps_one_paster_per_photo_and_actor(astronaut_rgb):
-    """retarget.run.pipe_paste reuses the photo's work only for the same photo and actor: a new
+    """retarget.video_sink.pipe_paste reuses the photo's work only for the same photo and actor: a new
     actor (another job in the app) gets its own alignment."""
     from types import SimpleNamespace
 
-    from retarget.run import pipe_paste
+    from retarget.video_sink import pipe_paste
 
     face = np.random.default_rng(8).integers(0, 256, (128, 128, 3), np.uint8)
     a = SimpleNamespace(M=np.array([[0.5, 0.0, -40.0], [0.0, 0.5, -30.0]]), crop=np.zeros((512, 512, 3)))
